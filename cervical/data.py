@@ -560,6 +560,7 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
     (out / "cache").mkdir(exist_ok=True)
     rows = []
     counts: Dict[str, Dict[str, int]] = {}
+    originals: Dict[str, int] = {s: 0 for s in SPLITS}
     has_masks = True
     for split in SPLITS:
         s = splits.get(split)
@@ -583,6 +584,7 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
         if masks is not None:
             np.save(out / "cache" / f"{split}_masks.npy", np.asarray(masks, dtype=np.uint8))
         counts[split] = {c: int((y == i).sum()) for i, c in enumerate(class_names)}
+        originals[split] = int((~aug).sum())
         for i in range(n):
             cname = class_names[int(y[i])]
             rel = f"images/{split}/{cname}/{stems[i]}.png"
@@ -604,6 +606,7 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
     os.replace(tmp, out / "manifest.csv")
     meta = {"class_names": list(class_names), "num_classes": len(class_names),
             "counts": counts, "totals": {s: int(sum(counts[s].values())) for s in SPLITS},
+            "originals": originals,
             "has_masks": bool(has_masks and rows)}
     any_x = next((splits[s]["x"] for s in SPLITS if s in splits and len(splits[s]["y"])), None)
     if any_x is not None:
@@ -640,3 +643,587 @@ def fingerprint_files(paths: Iterable[os.PathLike], root: os.PathLike) -> str:
         h.update(rel.encode() + b"\0")
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Resize (thesis: 110x110; the study stretched with nearest-neighbour, we pad and area-average)
+# ------------------------------------------------------------------------------------------------
+
+def border_colour(img: np.ndarray) -> np.ndarray:
+    """Median colour of the one-pixel image border: the background the cell sits on."""
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).reshape(-1, img.shape[-1])
+    return np.median(border, axis=0).astype(np.uint8)
+
+
+def pad_to_square(img: np.ndarray, mask: Optional[np.ndarray] = None
+                  ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Centre ``img`` on a square canvas filled with its border colour (mask padded with 0)."""
+    h, w = img.shape[:2]
+    s = max(h, w)
+    top, left = (s - h) // 2, (s - w) // 2
+    canvas = np.empty((s, s, 3), dtype=np.uint8)
+    canvas[:] = border_colour(img)
+    canvas[top:top + h, left:left + w] = img
+    if mask is None:
+        return canvas, None
+    mcanvas = np.zeros((s, s), dtype=np.uint8)
+    mcanvas[top:top + h, left:left + w] = mask
+    return canvas, mcanvas
+
+
+def resize_cell(img: np.ndarray, size: int, mode: str = "pad", interpolation: str = "area",
+                mask: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Resize one cell crop to ``size`` x ``size`` (and its label mask, always nearest-neighbour).
+
+    Args:
+        mode: "pad" keeps the aspect ratio (pad to square with the border colour, then resize);
+            "stretch" resizes each axis independently, as the study did.
+        interpolation: "area" (box filter when shrinking, bilinear when enlarging), "bilinear",
+            or "nearest" (PIL's, what keras ``load_img(target_size=...)`` uses: study parity).
+    """
+    from PIL import Image
+
+    if mode not in ("pad", "stretch"):
+        raise DataError(f"--resize {mode}: unknown; choose pad or stretch")
+    if mode == "pad":
+        img, mask = pad_to_square(img, mask)
+    h, w = img.shape[:2]
+    if interpolation == "area":
+        resample = Image.BOX if size <= min(h, w) else Image.BILINEAR
+    elif interpolation == "bilinear":
+        resample = Image.BILINEAR
+    elif interpolation == "nearest":
+        resample = Image.NEAREST
+    else:
+        raise DataError(f"--interpolation {interpolation}: unknown; choose area, bilinear or nearest")
+    out = np.asarray(Image.fromarray(img).resize((size, size), resample=resample), dtype=np.uint8)
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask).resize((size, size), resample=Image.NEAREST),
+                          dtype=np.uint8)
+    return out, mask
+
+
+# ------------------------------------------------------------------------------------------------
+# Size analysis (thesis Fig. 5.2)
+# ------------------------------------------------------------------------------------------------
+
+def size_analysis(widths: Sequence[int], heights: Sequence[int], bins: int = 30) -> dict:
+    """Width x height statistics and the densest bin of a 2-D histogram (rows = height).
+
+    The study printed the densest bin with height and width swapped; here ``height_range`` is
+    the bin's range along the height axis and ``width_range`` along the width axis. The
+    suggested size is the mean of the two bin centres, rounded (the study's ~110).
+    """
+    w = np.asarray(widths, dtype=np.float64)
+    h = np.asarray(heights, dtype=np.float64)
+    hist, h_edges, w_edges = np.histogram2d(h, w, bins=bins)
+    i_h, i_w = np.unravel_index(int(np.argmax(hist)), hist.shape)
+    h_rng = (float(h_edges[i_h]), float(h_edges[i_h + 1]))
+    w_rng = (float(w_edges[i_w]), float(w_edges[i_w + 1]))
+    return {
+        "count": int(w.size),
+        "width": {"min": int(w.min()), "max": int(w.max()), "mean": float(w.mean()),
+                  "median": float(np.median(w))},
+        "height": {"min": int(h.min()), "max": int(h.max()), "mean": float(h.mean()),
+                   "median": float(np.median(h))},
+        "densest_bin": {"height_range": h_rng, "width_range": w_rng, "count": int(hist[i_h, i_w]),
+                        "bins": bins},
+        "suggested_size": int(round((sum(h_rng) + sum(w_rng)) / 4)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Splits
+# ------------------------------------------------------------------------------------------------
+
+def split_thesis(labels: Sequence[int], seed: int = 42, train: float = 0.8) -> np.ndarray:
+    """The study's split: per class, ``train_test_split`` 80/20, then 80/20 of the remainder.
+
+    Cell level (cells of one cluster image can land in train and test: the study's leak).
+    Rows are taken in the given order (pass records sorted by file name for a filesystem-
+    independent result; the study used unsorted glob order). On SIPaKMeD's counts this gives
+    exactly 2589/648/812 (scikit-learn rounds the test share up).
+
+    Returns:
+        array of "train"/"val"/"test", one per label.
+    """
+    from sklearn.model_selection import train_test_split
+
+    y = np.asarray(labels)
+    out = np.empty(len(y), dtype=object)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        trval, test = train_test_split(idx, train_size=train, test_size=1 - train, random_state=seed)
+        tr, val = train_test_split(trval, train_size=train, test_size=1 - train, random_state=seed)
+        out[tr], out[val], out[test] = "train", "val", "test"
+    return out
+
+
+def _grouped_fold(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, fold: int = 0
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = len(np.unique(groups))
+    if n_groups < n_splits:
+        raise DataError(f"--split grouped: only {n_groups} groups (cluster images) for {n_splits} "
+                        f"folds; use more data or --split thesis")
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for k, (a, b) in enumerate(sgkf.split(np.zeros(len(y)), y, groups)):
+        if k == fold:
+            return a, b
+    raise AssertionError("unreachable")
+
+
+def split_grouped(labels: Sequence[int], groups: Sequence[str], seed: int = 42,
+                  test: float = 0.2, val: float = 0.2) -> np.ndarray:
+    """Stratified split with no group (cluster image) in two splits.
+
+    Test = one fold of a StratifiedGroupKFold with round(1/test) folds; val = one fold of the
+    same on the remainder, so the shares approach the study's 64/16/20.
+    """
+    y, g = np.asarray(labels), np.asarray(groups)
+    out = np.empty(len(y), dtype=object)
+    rest, te = _grouped_fold(y, g, int(round(1 / test)), seed)
+    tr, va = _grouped_fold(y[rest], g[rest], int(round(1 / val)), seed)
+    out[te], out[rest[va]], out[rest[tr]] = "test", "val", "train"
+    return out
+
+
+def split_folds(labels: Sequence[int], groups: Sequence[str], k: int, seed: int = 42,
+                val: float = 0.2) -> List[np.ndarray]:
+    """Grouped stratified K-fold: fold i tests on group-fold i, validates on a grouped 20 % of the rest."""
+    if k < 2:
+        raise DataError(f"--folds {k}: need at least 2 folds (or 0 for a single split)")
+    y, g = np.asarray(labels), np.asarray(groups)
+    out = []
+    for i in range(k):
+        rest, te = _grouped_fold(y, g, k, seed, fold=i)
+        tr, va = _grouped_fold(y[rest], g[rest], int(round(1 / val)), seed)
+        s = np.empty(len(y), dtype=object)
+        s[te], s[rest[va]], s[rest[tr]] = "test", "val", "train"
+        out.append(s)
+    return out
+
+
+def split_from_manifest(records: Sequence[Record], csv_path: os.PathLike) -> np.ndarray:
+    """Exact split membership from a CSV with columns ``split,class,stem`` (the study's own:
+    data/splits/thesis_split.csv). Class is the folder class (SIPaKMeD name without "im_").
+
+    Raises:
+        DataError: unreadable CSV, missing columns, an image the CSV does not list, or CSV rows
+            without an image.
+    """
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise DataError(f"--split manifest:{csv_path}: cannot read ({type(exc).__name__}); "
+                        f"check the path") from None
+    if not rows or not {"split", "class", "stem"} <= set(rows[0]):
+        raise DataError(f"--split manifest:{csv_path}: needs columns split,class,stem")
+    table = {(r["class"], r["stem"]): r["split"] for r in rows}
+    bad = sorted({r["split"] for r in rows} - set(SPLITS))
+    if bad:
+        raise DataError(f"{csv_path}: unknown split value {bad[0]!r}; use train, val or test")
+    out = np.empty(len(records), dtype=object)
+    seen = set()
+    for i, r in enumerate(records):
+        key = (r.source_class, r.stem)
+        if key not in table:
+            raise DataError(f"--split manifest:{csv_path}: {r.path} is not listed; the CSV does not "
+                            f"describe this dataset (use --split grouped or thesis)")
+        out[i] = table[key]
+        seen.add(key)
+    missing = [k for k in table if k not in seen]
+    if missing:
+        raise DataError(f"--split manifest:{csv_path}: {len(missing)} listed cells have no image "
+                        f"(first: {missing[0][0]}/{missing[0][1]}); point --data-dir at the full dataset")
+    return out
+
+
+def resolve_split_spec(spec: str) -> Tuple[str, Optional[Path]]:
+    """'grouped' | 'thesis' | 'manifest:FILE' | 'manifest:thesis' -> (kind, csv path)."""
+    if spec in ("grouped", "thesis"):
+        return spec, None
+    if spec.startswith("manifest:"):
+        target = spec.split(":", 1)[1]
+        if target == "thesis":
+            return "manifest", Path(__file__).resolve().parents[1] / "data" / "splits" / "thesis_split.csv"
+        if not Path(target).is_file():
+            raise DataError(f"--split {spec}: file not found; give manifest:PATH.csv with columns "
+                            f"split,class,stem")
+        return "manifest", Path(target)
+    raise DataError(f"--split {spec}: unknown; choose grouped, thesis or manifest:FILE.csv")
+
+
+# ------------------------------------------------------------------------------------------------
+# Parallel decode / augment (module-level functions so worker processes can pickle them)
+# ------------------------------------------------------------------------------------------------
+
+def _load_record(job) -> Tuple[str, object]:
+    """Decode, build the label mask and resize one record. Returns ("ok", payload) or an error."""
+    rec, size, mode, interpolation = job
+    try:
+        img = decode_rgb(rec.path)
+    except DataError as exc:
+        return "skip", str(exc)
+    h, w = img.shape[:2]
+    mask = None
+    try:
+        if rec.nucleus is not None or rec.cytoplasm is not None:
+            nuc = parse_dat(rec.nucleus) if rec.nucleus is not None else None
+            cyt = parse_dat(rec.cytoplasm) if rec.cytoplasm is not None else None
+            mask = label_mask_from_contours(nuc, cyt, (h, w))
+        elif rec.mask_image is not None:
+            mask = herlev_label_mask(rec.mask_image)
+            if mask.shape != (h, w):
+                raise DataError(f"{rec.mask_image}: mask is {mask.shape[1]}x{mask.shape[0]} but the "
+                                f"image is {w}x{h}; use the mask that belongs to {rec.path.name}")
+    except DataError as exc:
+        return "fatal", str(exc)
+    small, small_mask = resize_cell(img, size, mode, interpolation, mask)
+    return "ok", (small, small_mask, (w, h))
+
+
+def _augment_job(job):
+    from cervical import augment
+
+    img, mask, n, entropy = job
+    return augment.augment_copies(img, mask, n=n, seed=np.random.SeedSequence(entropy))
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def _pool_map(fn, jobs, workers, progress, label):
+    """Map ``fn`` over ``jobs`` in order, in worker processes when workers > 1, reporting progress."""
+    import multiprocessing as mp
+    import sys
+
+    total = len(jobs)
+    report = progress(label) if progress else None
+    out = []
+    if workers <= 1 or total < 64:
+        for i, job in enumerate(jobs, 1):
+            out.append(fn(job))
+            if report and (i % 200 == 0 or i == total):
+                report(i, total)
+        return out
+    # fork is fastest, but unsafe once TensorFlow has started threads in this process.
+    ctx = mp.get_context("spawn" if "tensorflow" in sys.modules else "fork")
+    with ctx.Pool(workers) as pool:
+        for i, res in enumerate(pool.imap(fn, jobs, chunksize=16), 1):
+            out.append(res)
+            if report and (i % 200 == 0 or i == total):
+                report(i, total)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset figures (thesis Fig. 5.2, Table 4.1, Figs 4.1-4.5)
+# ------------------------------------------------------------------------------------------------
+
+def save_dataset_figures(out: Path, widths, heights, labels, class_names, images, seed: int) -> None:
+    """Size scatter + hexbin, class-distribution bar chart and a per-class montage, as PNGs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    axes[0].scatter(widths, heights, s=4, alpha=0.5)
+    axes[0].set(xlabel="width (px)", ylabel="height (px)", title="Cell crop sizes")
+    hb = axes[1].hexbin(widths, heights, gridsize=30, cmap="inferno", mincnt=1)
+    axes[1].set(xlabel="width (px)", ylabel="height (px)", title="Size density (hexbin)")
+    fig.colorbar(hb, ax=axes[1], label="cells")
+    fig.tight_layout()
+    fig.savefig(out / "size_analysis.png", dpi=110)
+    plt.close(fig)
+
+    counts = np.bincount(np.asarray(labels), minlength=len(class_names))
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(class_names)), 3.6))
+    bars = ax.bar(range(len(class_names)), counts, color="#4c72b0")
+    ax.bar_label(bars)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=20, ha="right")
+    ax.set(ylabel="cells", title="Class distribution")
+    fig.tight_layout()
+    fig.savefig(out / "class_distribution.png", dpi=110)
+    plt.close(fig)
+
+    rng = np.random.default_rng(seed)
+    per_row = 6
+    fig, axes = plt.subplots(len(class_names), per_row,
+                             figsize=(1.4 * per_row, 1.5 * len(class_names)), squeeze=False)
+    labels = np.asarray(labels)
+    for c, name in enumerate(class_names):
+        idx = np.flatnonzero(labels == c)
+        pick = rng.choice(idx, size=min(per_row, len(idx)), replace=False) if len(idx) else []
+        for j in range(per_row):
+            ax = axes[c, j]
+            ax.axis("off")
+            if j < len(pick):
+                ax.imshow(images[pick[j]])
+        axes[c, 0].set_title(name, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(out / "montage.png", dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare: the whole data side of the study
+# ------------------------------------------------------------------------------------------------
+
+def _stage_dir(out: Path, overwrite: bool) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DataError(f"--out {out}: exists and is not empty; choose a new folder or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise DataError(f"--out {out}: parent folder is not writable; choose another --out")
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def _commit_dir(stage: Path, out: Path) -> None:
+    """Move the finished staging folder into place (replacing an old --out only now)."""
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, trash)
+        os.replace(stage, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(stage, out)
+
+
+def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
+            out: os.PathLike = "outputs/prepared", task: Optional[str] = None,
+            class_map: Optional[os.PathLike] = None, size: int = 110, resize: str = "pad",
+            interpolation: str = "area", split: str = "grouped", folds: int = 0, augment: int = 6,
+            seed: int = 42, per_class: Optional[int] = None, workers: int = 0,
+            save_images: bool = True, overwrite: bool = False,
+            progress: Optional[Callable[[str], Callable]] = None) -> dict:
+    """Raw dataset -> prepared dataset folder (thesis ch. 5: size analysis, resize, split, augment).
+
+    Everything is written to a staging folder beside ``out`` and renamed into place at the end,
+    so a failed run leaves nothing half-written. Same arguments -> byte-identical output.
+
+    Args:
+        dataset: "sipakmed", "herlev", "folders", "synthetic" or "auto" (detect from data_dir).
+        data_dir: raw dataset folder. For "synthetic" the generated raw files are kept in
+            ``out/raw`` unless data_dir names another place (reused if it already holds files).
+        task, class_map: label task preset or JSON map (see TASKS).
+        size, resize, interpolation: see resize_cell.
+        split: "grouped" | "thesis" | "manifest:FILE" | "manifest:thesis".
+        folds: K > 1 writes out/fold_0 ... fold_{K-1}, each a prepared dataset.
+        augment: augmented copies per train image (train split only, after splitting).
+        per_class: synthetic only, cells per class (0 = the real SIPaKMeD counts; default 120).
+        workers: processes for decode/augment (0 = all cores).
+        progress: factory ``progress(label) -> report(done, total)`` for long loops.
+    Returns:
+        A summary dict (also stored in dataset.json).
+    """
+    out = Path(out)
+    if size < MIN_SIDE:
+        raise DataError(f"--size {size}: too small; use at least {MIN_SIDE} (the study used 110)")
+    if augment < 0:
+        raise DataError(f"--augment {augment}: must be 0 or more")
+    split_kind, manifest_csv = resolve_split_spec(split)
+    if folds and split_kind != "grouped":
+        raise DataError("--folds: K-fold splits are grouped; drop --split or use --split grouped")
+    workers = workers or os.cpu_count() or 1
+    stage = _stage_dir(out, overwrite)
+    try:
+        summary = _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize,
+                                interpolation, split, split_kind, manifest_csv, folds, augment,
+                                seed, per_class, workers, save_images, progress)
+        _commit_dir(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    summary["out"] = str(out)
+    return summary
+
+
+def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, interpolation,
+                  split, split_kind, manifest_csv, folds, augment, seed, per_class, workers,
+                  save_images, progress) -> dict:
+    generated = None
+    if dataset == "synthetic":
+        from cervical import synthetic
+
+        n = synthetic.FULL_COUNTS if per_class == 0 else (per_class or 120)
+        if data_dir is None:
+            raw = stage / "raw"
+            generated = synthetic.generate(raw, per_class=n, seed=seed)
+        else:
+            raw = Path(data_dir)
+            if not raw.exists() or not any(raw.iterdir()):
+                generated = synthetic.generate(raw, per_class=n, seed=seed)
+        data_dir = raw
+    elif data_dir is None:
+        raise DataError(f"--data-dir is required for --dataset {dataset}; point it at the raw files")
+    data_dir = Path(data_dir)
+    if dataset == "auto":
+        dataset = detect_dataset(data_dir)
+    if dataset not in READERS:
+        raise DataError(f"--dataset {dataset}: unknown; choose sipakmed, herlev, folders or synthetic")
+    records = READERS[dataset](data_dir)
+    cmap = load_class_map(class_map) if class_map else None
+    task_name = "custom" if cmap else (task or DEFAULT_TASK.get(dataset, "all"))
+    class_names = apply_task(records, dataset, task, cmap)
+    records.sort(key=lambda r: (r.source_class, r.stem, str(r.path)))
+
+    # Decode + masks + resize, in parallel, in a fixed order.
+    jobs = [(r, size, resize, interpolation) for r in records]
+    results = _pool_map(_load_record, jobs, workers, progress, "decode+resize")
+    fatal = [msg for status, msg in results if status == "fatal"]
+    if fatal:
+        raise DataError(fatal[0])
+    skipped = [(r, msg) for r, (status, msg) in zip(records, results) if status == "skip"]
+    keep = [i for i, (status, _) in enumerate(results) if status == "ok"]
+    if not keep:
+        raise DataError(f"--data-dir {data_dir}: none of the {len(records)} images could be read "
+                        f"(first: {skipped[0][1]})")
+    records = [records[i] for i in keep]
+    images = np.stack([results[i][1][0] for i in keep])
+    masks_list = [results[i][1][1] for i in keep]
+    has_masks = all(m is not None for m in masks_list)
+    masks = np.stack(masks_list) if has_masks else None
+    widths = [results[i][1][2][0] for i in keep]
+    heights = [results[i][1][2][1] for i in keep]
+    labels = np.array([class_names.index(r.class_name) for r in records], dtype=np.int64)
+    groups = np.array([r.group for r in records])
+    present = sorted(set(labels.tolist()))
+    if len(present) < len(class_names):
+        missing = [class_names[c] for c in range(len(class_names)) if c not in present]
+        raise DataError(f"--data-dir {data_dir}: class {missing[0]} has no readable image; "
+                        f"fix its files or remove the folder")
+
+    sizes = size_analysis(widths, heights)
+    save_dataset_figures(stage / "analysis", widths, heights, labels, class_names, images, seed)
+    write_json(stage / "analysis" / "size_analysis.json", sizes)
+    fingerprint = fingerprint_files(
+        [r.path for r in records] + [p for r in records for p in (r.nucleus, r.cytoplasm,
+                                                                  r.mask_image) if p is not None]
+        + [r.path for r, _ in skipped], data_dir)
+
+    if split_kind == "thesis":
+        assignments = [split_thesis(labels, seed)]
+    elif split_kind == "manifest":
+        assignments = [split_from_manifest(records, manifest_csv)]
+    elif folds:
+        assignments = split_folds(labels, groups, folds, seed)
+    else:
+        assignments = [split_grouped(labels, groups, seed)]
+
+    base_info = {
+        "dataset": dataset, "task": task_name, "class_map": cmap, "source_dir": str(data_dir),
+        "image_size": size, "resize": resize, "interpolation": interpolation,
+        "split": split if split_kind != "manifest" else f"manifest:{manifest_csv.name}",
+        "seed": seed, "augment": augment, "size_analysis": sizes, "fingerprint": fingerprint,
+        "skipped": len(skipped), "generated": generated, "versions": library_versions(),
+    }
+    # Offline augmentation: each train image's copies depend only on (seed, class, stem), so the
+    # same cell gets the same copies whatever the split or fold.
+    aug_cache: Dict[int, list] = {}
+    train_union = sorted({i for a in assignments for i in np.flatnonzero(a == "train")})
+    if augment:
+        ajobs = [(images[i], None if masks is None else masks[i], augment,
+                  [seed, _stable_int(f"{records[i].source_class}/{records[i].stem}")])
+                 for i in train_union]
+        for i, copies in zip(train_union, _pool_map(_augment_job, ajobs, workers, progress,
+                                                    f"augment x{augment}")):
+            aug_cache[i] = copies
+
+    fold_summaries = []
+    for k, assign in enumerate(assignments):
+        target = stage / f"fold_{k}" if folds else stage
+        splits = {}
+        for s in SPLITS:
+            idx = np.flatnonzero(assign == s)
+            rows_x, rows_y, rows_m, stems, grp, src, scls, aug = [], [], [], [], [], [], [], []
+            for i in idx:
+                r = records[i]
+                rel_src = _relative(r.path, data_dir)
+                rows_x.append(images[i]); rows_y.append(labels[i]); stems.append(r.stem)
+                grp.append(r.group); src.append(rel_src); scls.append(r.source_class)
+                aug.append(False)
+                if masks is not None:
+                    rows_m.append(masks[i])
+                if s == "train":
+                    for j, (ai, am, gname) in enumerate(aug_cache.get(i, [])):
+                        rows_x.append(ai); rows_y.append(labels[i])
+                        stems.append(f"{r.stem}_aug{j}_{gname}")
+                        grp.append(r.group); src.append(rel_src); scls.append(r.source_class)
+                        aug.append(True)
+                        if masks is not None:
+                            rows_m.append(am if am is not None else masks[i])
+            if not rows_y:
+                continue
+            splits[s] = dict(x=np.stack(rows_x), y=np.array(rows_y), stems=stems, groups=grp,
+                             sources=src, source_classes=scls, augmented=np.array(aug),
+                             masks=np.stack(rows_m) if masks is not None else None)
+        info = dict(base_info, fold=k if folds else None, folds=folds or None,
+                    group_overlap=_group_overlap(assign, groups))
+        write_prepared(target, splits, class_names, info, save_images=save_images)
+        fold_summaries.append(read_info(target))
+
+    if skipped:
+        (stage / "skipped.txt").write_text("".join(f"{r.path}\t{msg}\n" for r, msg in skipped))
+    if folds:
+        write_json(stage / "folds.json", {"folds": folds, "class_names": class_names,
+                                          "fold_dirs": [f"fold_{k}" for k in range(folds)],
+                                          **{k: v for k, v in base_info.items()}})
+    summary = dict(fold_summaries[0]) if not folds else {
+        "class_names": class_names, "folds": folds,
+        "fold_totals": [f["totals"] for f in fold_summaries], **base_info}
+    summary["has_masks"] = bool(has_masks)
+    return summary
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _group_overlap(assign: np.ndarray, groups: np.ndarray) -> Dict[str, int]:
+    """Number of groups (cluster images) shared between each pair of splits."""
+    sets = {s: set(groups[assign == s].tolist()) for s in SPLITS}
+    return {"train-val": len(sets["train"] & sets["val"]),
+            "train-test": len(sets["train"] & sets["test"]),
+            "val-test": len(sets["val"] & sets["test"])}
+
+
+def format_summary(summary: dict) -> str:
+    """A short human-readable summary of a prepare run."""
+    lines = [f"prepared {summary.get('dataset')} ({summary.get('task')}) -> {summary.get('out')}"]
+    names = summary["class_names"]
+    if summary.get("folds"):
+        for k, t in enumerate(summary["fold_totals"]):
+            lines.append(f"  fold {k}: train {t['train']}  val {t['val']}  test {t['test']}")
+    else:
+        counts = summary["counts"]
+        w = max(len(n) for n in names + ["class"])
+        lines.append(f"  {'class':<{w}}  {'train':>6} {'val':>5} {'test':>5}")
+        for n in names:
+            lines.append(f"  {n:<{w}}  {counts['train'][n]:>6} {counts['val'][n]:>5} "
+                         f"{counts['test'][n]:>5}")
+        t = summary["totals"]
+        lines.append(f"  {'total':<{w}}  {t['train']:>6} {t['val']:>5} {t['test']:>5}"
+                     f"   (train includes x{summary.get('augment', 0)} augmented copies)")
+        ov = summary.get("group_overlap") or {}
+        lines.append(f"  groups shared between splits: train-test {ov.get('train-test')}, "
+                     f"train-val {ov.get('train-val')}, val-test {ov.get('val-test')}")
+    sa = summary.get("size_analysis", {})
+    if sa:
+        db = sa["densest_bin"]
+        lines.append(f"  sizes: width {sa['width']['min']}-{sa['width']['max']}, height "
+                     f"{sa['height']['min']}-{sa['height']['max']}; densest bin height "
+                     f"{db['height_range'][0]:.0f}-{db['height_range'][1]:.0f} x width "
+                     f"{db['width_range'][0]:.0f}-{db['width_range'][1]:.0f} -> suggested size "
+                     f"{sa['suggested_size']}")
+    if summary.get("skipped"):
+        lines.append(f"  skipped {summary['skipped']} unreadable images (see skipped.txt)")
+    return "\n".join(lines)
