@@ -1,0 +1,321 @@
+"""Data side: decoding, contours, splits, class weights, prepare end to end, bad input."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cervical import data
+from conftest import HERLEV
+
+ROOT = Path(__file__).resolve().parents[1]
+SIPAKMED_COUNTS = {"Dyskeratotic": 813, "Koilocytotic": 825, "Metaplastic": 793, "Parabasal": 787,
+                   "Superficial-Intermediate": 831}
+# The study's per-class table (study_code_findings.md section 1).
+THESIS_TABLE = {"Dyskeratotic": (520, 130, 163), "Koilocytotic": (528, 132, 165),
+                "Metaplastic": (507, 127, 159), "Parabasal": (503, 126, 158),
+                "Superficial-Intermediate": (531, 133, 167)}
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+# --- class weights -----------------------------------------------------------------------------
+
+def test_class_weights_reproduce_study_constants_from_its_test_counts():
+    labels = np.repeat(np.arange(5), [163, 165, 159, 158, 167])
+    w = data.class_weights(labels)
+    assert w == pytest.approx(data.THESIS_CLASS_WEIGHTS, abs=0, rel=0)
+    assert w[0] == 0.996319018404908 and w[4] == 0.9724550898203593
+
+
+def test_class_weights_formula_by_hand():
+    # n = 6, K = 2: class 0 has 4 -> 6/(2*4) = 0.75, class 1 has 2 -> 6/(2*2) = 1.5
+    assert data.class_weights([0, 0, 0, 0, 1, 1]) == {0: 0.75, 1: 1.5}
+
+
+# --- splits ------------------------------------------------------------------------------------
+
+def test_thesis_split_gives_the_study_counts_per_class():
+    names = sorted(SIPAKMED_COUNTS)
+    labels = np.repeat(np.arange(5), [SIPAKMED_COUNTS[n] for n in names])
+    assign = data.split_thesis(labels, seed=42)
+    for c, n in enumerate(names):
+        got = tuple(int(((labels == c) & (assign == s)).sum()) for s in data.SPLITS)
+        assert got == THESIS_TABLE[n]
+    assert [int((assign == s).sum()) for s in data.SPLITS] == [2589, 648, 812]
+
+
+def _clustered_labels(seed=0):
+    """SIPaKMeD-like: 4049 cells in 966 cluster images (1..8 cells each), one class per cluster."""
+    rng = np.random.default_rng(seed)
+    labels, groups = [], []
+    gid = 0
+    for c, n in enumerate(SIPAKMED_COUNTS.values()):
+        left = n
+        while left > 0:
+            k = min(left, int(rng.integers(1, 8)))
+            labels += [c] * k
+            groups += [f"{c}/{gid:03d}"] * k
+            left -= k
+            gid += 1
+    return np.array(labels), np.array(groups)
+
+
+def test_grouped_split_has_no_shared_group_and_study_proportions():
+    labels, groups = _clustered_labels()
+    assign = data.split_grouped(labels, groups, seed=42)
+    sets = {s: set(groups[assign == s]) for s in data.SPLITS}
+    assert not (sets["train"] & sets["test"]) and not (sets["train"] & sets["val"])
+    assert not (sets["val"] & sets["test"])
+    shares = {s: (assign == s).mean() for s in data.SPLITS}
+    assert shares["train"] == pytest.approx(0.64, abs=0.02)
+    assert shares["val"] == pytest.approx(0.16, abs=0.02)
+    assert shares["test"] == pytest.approx(0.20, abs=0.02)
+    for c in range(5):  # stratified: each class keeps its share in every split
+        for s in data.SPLITS:
+            assert ((labels == c) & (assign == s)).sum() / (labels == c).sum() == pytest.approx(
+                {"train": 0.64, "val": 0.16, "test": 0.2}[s], abs=0.05)
+    assert np.array_equal(assign, data.split_grouped(labels, groups, seed=42))
+
+
+def test_kfold_tests_every_cell_exactly_once_without_group_leak():
+    labels, groups = _clustered_labels(1)
+    folds = data.split_folds(labels, groups, k=5, seed=0)
+    tested = np.sum([f == "test" for f in folds], axis=0)
+    assert np.all(tested == 1)
+    for f in folds:
+        assert not set(groups[f == "train"]) & set(groups[f == "test"])
+
+
+def test_manifest_split_reproduces_the_study_csv_membership():
+    rows = list(csv.DictReader(open(ROOT / "data" / "splits" / "thesis_split.csv")))
+    records = [data.Record(path=Path(f"{r['class']}/{r['stem']}.bmp"), source_class=r["class"],
+                           stem=r["stem"], group=f"{r['class']}/{r['stem'][:3]}") for r in rows]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(records))  # membership must not depend on order
+    assign = data.split_from_manifest([records[i] for i in order], data.resolve_split_spec(
+        "manifest:thesis")[1])
+    assert [assign[j] for j in range(len(order))] == [rows[i]["split"] for i in order]
+    assert [int((assign == s).sum()) for s in data.SPLITS] == [2589, 648, 812]
+
+
+def test_manifest_split_refuses_a_dataset_it_does_not_describe(tmp_path):
+    f = tmp_path / "m.csv"
+    f.write_text("split,class,stem\ntrain,A,001_01\ntest,A,001_02\n")
+    recs = [data.Record(path=Path("x.bmp"), source_class="A", stem="009_01", group="A/009")]
+    with pytest.raises(data.DataError, match="not listed"):
+        data.split_from_manifest(recs, f)
+
+
+# --- decoding and contours ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,value,expected", [
+    ("L", 100, (100, 100, 100)),
+    ("LA", (100, 0), (255, 255, 255)),          # fully transparent -> white background
+    ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
+    ("RGBA", (10, 20, 30, 0), (255, 255, 255)),
+    ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
+    ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+    ("RGB", (1, 2, 3), (1, 2, 3)),
+])
+def test_every_mode_decodes_to_rgb8(tmp_path, mode, value, expected):
+    f = tmp_path / f"im_{mode}.{'tif' if mode == 'CMYK' else 'png'}"
+    Image.new(mode, (12, 10), value).save(f)
+    arr = data.decode_rgb(f)
+    assert arr.dtype == np.uint8 and arr.shape == (10, 12, 3)
+    assert tuple(arr[5, 5]) == expected
+
+
+def test_palette_and_16bit_decode(tmp_path):
+    p = Image.new("P", (9, 9), 1)
+    p.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    p.save(tmp_path / "p.bmp")
+    assert tuple(data.decode_rgb(tmp_path / "p.bmp")[0, 0]) == (200, 100, 50)
+    arr16 = np.full((9, 9), 65535, np.uint16)
+    arr16[0, 0] = 0
+    Image.fromarray(arr16).save(tmp_path / "i16.png")
+    out = data.decode_rgb(tmp_path / "i16.png")
+    assert tuple(out[1, 1]) == (255, 255, 255) and tuple(out[0, 0]) == (0, 0, 0)
+
+
+def test_dat_square_polygon_rasterises_to_known_pixels(tmp_path):
+    # Vertices on half-pixel coordinates: pixel centres 2..5 (x and y) are strictly inside -> 4x4.
+    f = tmp_path / "c.dat"
+    f.write_text("1.5,1.5\n5.5, 1.5\n5.5\t5.5\n1.5 5.5\n\n")
+    poly = data.parse_dat(f)
+    assert poly.shape == (4, 2)
+    mask = data.rasterize_polygon(poly, (8, 10))
+    expected = np.zeros((8, 10), bool)
+    expected[2:6, 2:6] = True
+    assert np.array_equal(mask, expected)
+    # nucleus painted over cytoplasm
+    lab = data.label_mask_from_contours(poly, np.array([[0.5, 0.5], [8.5, 0.5], [8.5, 6.5],
+                                                        [0.5, 6.5]]), (8, 10))
+    assert (lab == 2).sum() == 16 and (lab == 1).sum() == 8 * 6 - 16
+
+
+def test_unreadable_dat_is_a_one_line_error(tmp_path):
+    f = tmp_path / "bad.dat"
+    f.write_text("12,abc\n")
+    with pytest.raises(data.DataError, match="bad.dat:1"):
+        data.parse_dat(f)
+
+
+def test_resize_pad_keeps_aspect_and_mask_alignment():
+    img = np.full((20, 40, 3), 200, np.uint8)
+    img[5:15, 10:20] = 0                         # a dark square
+    mask = np.zeros((20, 40), np.uint8)
+    mask[5:15, 10:20] = 2
+    out, m = data.resize_cell(img, 20, "pad", "nearest", mask)
+    # 40x40 canvas (10 rows of border colour above), halved: square -> rows 7..12, cols 5..10
+    assert out.shape == (20, 20, 3) and m.shape == (20, 20)
+    assert np.array_equal(m == 2, out[:, :, 0] == 0)
+    assert (m == 2).sum() == 25
+    assert tuple(out[0, 0]) == (200, 200, 200)
+
+
+# --- readers -----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HERLEV.is_dir(), reason="shared Herlev sample not available")
+def test_herlev_sample_reads_297_cells_with_masks():
+    recs = data.read_herlev(HERLEV)
+    assert len(recs) == 297 and all(r.mask_image is not None for r in recs)
+    names = data.apply_task(recs, "herlev", "7class")
+    assert names == sorted(data.HERLEV_CLASSES)
+    m = data.herlev_label_mask(recs[0].mask_image)
+    assert set(np.unique(m)) <= {0, 1, 2} and (m == 2).any() and (m == 1).any()
+    assert data.apply_task(data.read_herlev(HERLEV), "herlev", "2class") == ["abnormal", "normal"]
+
+
+def _write_sipakmed(root, nested=True, classes=("Dyskeratotic", "Parabasal"), clusters=3, cells=2):
+    rng = np.random.default_rng(0)
+    for cls in classes:
+        folder = root / f"im_{cls}" / f"im_{cls}" / "CROPPED" if nested else root / f"im_{cls}"
+        folder.mkdir(parents=True)
+        for g in range(1, clusters + 1):
+            for c in range(1, cells + 1):
+                stem = f"{g:03d}_{c:02d}"
+                Image.fromarray(rng.integers(0, 255, (30, 24, 3), dtype=np.uint8)).save(
+                    folder / f"{stem}.bmp")
+                if nested:
+                    (folder / f"{stem}_cyt.dat").write_text("2,2\n20,2\n20,26\n2,26\n")
+                    (folder / f"{stem}_nuc.dat").write_text("8.0 10.0\n14.0 10.0\n14.0 16.0\n")
+    return root
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_sipakmed_reader_groups_by_cluster_image(tmp_path, nested):
+    root = _write_sipakmed(tmp_path / "raw", nested=nested)
+    assert data.detect_dataset(root) == "sipakmed"
+    recs = data.read_sipakmed(root)
+    assert len(recs) == 12
+    assert {r.group for r in recs} == {f"{c}/{g:03d}" for c in ("Dyskeratotic", "Parabasal")
+                                       for g in (1, 2, 3)}
+    assert all((r.nucleus is not None) == nested for r in recs)
+
+
+def test_three_class_task_maps_sipakmed_folders():
+    recs = [data.Record(Path(f"{c}.bmp"), c, "001_01", c) for c in SIPAKMED_COUNTS]
+    assert data.apply_task(recs, "sipakmed", "3class") == ["abnormal", "benign", "normal"]
+    assert {r.source_class: r.class_name for r in recs}["Koilocytotic"] == "abnormal"
+
+
+# --- prepare end to end ------------------------------------------------------------------------
+
+def test_prepare_sipakmed_with_contours_and_thesis_split(tmp_path):
+    root = _write_sipakmed(tmp_path / "raw", clusters=5, cells=2)
+    s = data.prepare("sipakmed", root, tmp_path / "out", size=16, split="thesis", augment=0,
+                     workers=1)
+    assert s["totals"] == {"train": 12, "val": 4, "test": 4} and s["has_masks"]
+    tr = data.load_split(tmp_path / "out", "train")
+    assert tr.masks is not None and tr.x.shape == (12, 16, 16, 3)
+    assert (tr.masks == 2).any() and (tr.masks == 1).any()
+    rows = data.read_manifest(tmp_path / "out")
+    assert all((tmp_path / "out" / r["path"]).is_file() and (tmp_path / "out" / r["mask"]).is_file()
+               for r in rows)
+
+
+@pytest.mark.skipif(not HERLEV.is_dir(), reason="shared Herlev sample not available")
+def test_prepare_is_byte_identical_when_repeated(tmp_path):
+    outs = []
+    for k in range(2):
+        data.prepare("herlev", HERLEV, tmp_path / f"o{k}", size=24, augment=0, workers=2,
+                     save_images=False)
+        outs.append({p.name: p.read_bytes() for p in sorted((tmp_path / f"o{k}").rglob("*"))
+                     if p.is_file() and p.suffix in (".npy", ".csv", ".json")})
+    assert outs[0].keys() == outs[1].keys() and outs[0] == outs[1]
+    info = data.read_info(tmp_path / "o0")
+    assert info["group_overlap"] == {"train-val": 0, "train-test": 0, "val-test": 0}
+    assert sum(info["originals"].values()) == 297
+
+
+# --- bad input through the CLI: one line, exit 2, nothing half-written -------------------------
+
+def _assert_one_line_error(res, *needles):
+    assert res.returncode == 2, res.stderr
+    # progress lines may come first; the error itself is exactly one (the last) line
+    lines = [ln for ln in res.stderr.strip().splitlines() if "error" in ln]
+    assert len(lines) == 1 and res.stderr.strip().splitlines()[-1] == lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_cli_missing_empty_and_classless_dirs(tmp_path):
+    _assert_one_line_error(cli("prepare", "--dataset", "folders", "--data-dir", tmp_path / "nope",
+                               "--out", tmp_path / "o"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    _assert_one_line_error(cli("prepare", "--dataset", "folders", "--data-dir", tmp_path / "empty",
+                               "--out", tmp_path / "o"), "empty")
+    (tmp_path / "tree" / "classA").mkdir(parents=True)
+    (tmp_path / "tree" / "classB").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / "tree" / "classA" / "a.png")
+    _assert_one_line_error(cli("prepare", "--dataset", "folders", "--data-dir", tmp_path / "tree",
+                               "--out", tmp_path / "o"), "classB", "no images")
+    assert not (tmp_path / "o").exists()
+    assert not list(tmp_path.glob(".o.partial-*"))
+
+
+def test_cli_unknown_task_split_and_existing_out(tmp_path):
+    root = _write_sipakmed(tmp_path / "raw", nested=False)
+    _assert_one_line_error(cli("prepare", "--dataset", "sipakmed", "--data-dir", root, "--out",
+                               tmp_path / "o", "--task", "9class"), "--task 9class")
+    _assert_one_line_error(cli("prepare", "--dataset", "sipakmed", "--data-dir", root, "--out",
+                               tmp_path / "o", "--split", "random"), "--split random")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("keep me")
+    _assert_one_line_error(cli("prepare", "--dataset", "sipakmed", "--data-dir", root, "--out",
+                               tmp_path / "full"), "--overwrite")
+    assert (tmp_path / "full" / "x.txt").read_text() == "keep me"
+    _assert_one_line_error(cli("prepare", "--dataset", "sipakmed", "--data-dir", root, "--out",
+                               tmp_path / "o", "--size", "nope"), "--size")
+
+
+def test_cli_bad_dat_fails_and_bad_images_are_skipped_and_listed(tmp_path):
+    root = _write_sipakmed(tmp_path / "raw", clusters=4, cells=2)
+    folder = root / "im_Parabasal" / "im_Parabasal" / "CROPPED"
+    (folder / "009_01.bmp").write_bytes(b"BM this is not a bitmap")         # corrupt
+    good = folder / "001_01.bmp"
+    (folder / "009_02.bmp").write_bytes(good.read_bytes()[:60])             # truncated
+    Image.new("RGB", (1, 1)).save(folder / "009_03.bmp")                    # 1x1
+    Image.new("L", (7000, 6000)).save(folder / "009_04.png")                # 42 Mpx: too large
+    res = cli("prepare", "--dataset", "sipakmed", "--data-dir", root, "--out", tmp_path / "o",
+              "--augment", "0", "--split", "thesis", "--size", "16")
+    assert res.returncode == 0, res.stderr
+    skipped = (tmp_path / "o" / "skipped.txt").read_text().splitlines()
+    assert sorted(Path(ln.split("\t")[0]).name for ln in skipped) == [
+        "009_01.bmp", "009_02.bmp", "009_03.bmp", "009_04.png"]
+    assert json.loads((tmp_path / "o" / "dataset.json").read_text())["skipped"] == 4
+    assert "skipped 4" in res.stdout
+    (folder / "002_01_nuc.dat").write_text("1,2\nthree,4\n")
+    _assert_one_line_error(cli("prepare", "--dataset", "sipakmed", "--data-dir", root, "--out",
+                               tmp_path / "o2", "--augment", "0"), "002_01_nuc.dat")
+    assert not (tmp_path / "o2").exists()
