@@ -1,0 +1,1003 @@
+"""``eval`` and ``report``: the study's tables and figures, readable and with the numbers it lacked.
+
+Thesis §6.3 and §7.1 report, per backbone and training regime, a classification table (Tables
+6.2–6.4), a bar chart of accuracies (Figs 6.1, 6.2, 6.4), the contrastive loss curves (Fig. 6.3)
+and a comparison with previous work (Table 7.1).  This module rebuilds all of them from run
+folders, and fixes what the study's notebooks got wrong (study_code_findings.md §5): confusion
+matrices with rows = true class and columns = predicted class, class names instead of 0–4,
+intervals, calibration, and the split protocol printed beside every number (the study's cell-level
+split leaks cluster images between train and test).
+
+Two entry points, one per CLI subcommand:
+
+    evaluate_run(run_dir, data_dir=None, split="test")  -> RUN/eval/<split>/{metrics.json, ...}
+    build_report(run_dirs, out_dir)                      -> OUT/report.md (+ CSV, PNG)
+
+Figures use Matplotlib's object API with the Agg canvas (no pyplot state, nothing left open).
+Every file is written atomically (temp file in the same folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from cervical import metrics
+
+__all__ = [
+    "ReportError",
+    "SPLITS",
+    "REGIMES",
+    "load_published",
+    "protocol_label",
+    "predict_proba",
+    "classification_table",
+    "plot_confusion_matrix",
+    "plot_reliability",
+    "evaluate_run",
+    "format_eval",
+    "build_report",
+]
+
+SPLITS = ("train", "val", "test", "all")
+
+#: Training regimes in the order of the thesis, with the table and figure each one mirrors.
+REGIMES = {
+    "finetune": ("Fine-tuning", "cf. thesis Table 6.2, Fig. 6.1"),
+    "cost-sensitive": ("Cost-sensitive learning", "cf. thesis Table 6.3, Fig. 6.2"),
+    "contrastive": ("Supervised contrastive learning", "cf. thesis Table 6.4, Fig. 6.4"),
+    "baseline": ("End-to-end baseline", "the study's from-scratch comparison, in its notebooks only"),
+}
+
+#: Display names, in the row order of thesis Tables 6.2-6.4.
+MODEL_NAMES = {"vgg16": "VGG16", "vgg19": "VGG19", "densenet169": "DenseNet169",
+               "mobilenetv2": "MobileNetV2", "resnet50": "ResNet50", "tiny": "Tiny CNN"}
+
+#: Metrics aggregated (mean ± std) over folds or repeated runs.
+AGG_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "weighted_precision",
+               "weighted_recall", "kappa", "roc_auc", "log_loss", "brier", "ece", "sensitivity",
+               "specificity")
+
+EVAL_FILES = ("metrics.json", "predictions.csv", "classification.md", "classification.csv",
+              "classification.tex", "confusion_matrix.png", "reliability.png")
+
+Progress = Optional[Union[bool, Callable[[int, int, str], None]]]
+
+
+class ReportError(ValueError):
+    """Bad input to ``eval`` or ``report``; the message is one line naming the input and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers: atomic writes, progress, formatting
+# --------------------------------------------------------------------------------------------
+def _atomic_bytes(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return _atomic_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return _finite(float(o))
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(obj):
+    """Replace NaN/inf floats by None, recursively (metrics.json stays strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float):
+        return _finite(obj)
+    return obj
+
+
+def _write_json(path: Path, obj) -> Path:
+    return _write_text(path, json.dumps(_clean(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> Path:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if v is None else v for v in r])
+    return _write_text(path, buf.getvalue())
+
+
+def _save_fig(fig, path: Path, dpi: int = 120) -> Path:
+    """Render a Matplotlib Figure with the Agg canvas and write it atomically as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.clf()
+    return _atomic_bytes(path, buf.getvalue())
+
+
+def _progress_fn(progress: Progress) -> Optional[Callable[[int, int, str], None]]:
+    """None/False -> quiet; True -> a one-line stderr counter; a callable (done, total, note) -> itself."""
+    if not progress:
+        return None
+    if callable(progress):
+        return progress
+
+    def report(done: int, total: int, note: str = "") -> None:
+        sys.stderr.write(f"\r{note or 'progress'}: {done}/{total}" + ("\n" if done >= total else ""))
+        sys.stderr.flush()
+    return report
+
+
+def _finite(x) -> Optional[float]:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _fmt(x, digits: int = 4) -> str:
+    x = _finite(x)
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _fmt_pm(mean, std, digits: int = 4) -> str:
+    if _finite(mean) is None:
+        return "–"
+    if std is None:
+        return _fmt(mean, digits)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _pct(x, digits: int = 2) -> str:
+    x = _finite(x)
+    return "–" if x is None else f"{100 * x:.{digits}f} %"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "run"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def cell(v):
+        return str("" if v is None else v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                "±": r"$\pm$"}
+
+
+def _tex(text) -> str:
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in str("" if text is None else text))
+
+
+def _tex_table(header: Sequence[str], rows: Sequence[Sequence], caption: str, label: str) -> str:
+    cols = "l" + "r" * (len(header) - 1)
+    out = [r"\begin{table}[ht]", r"\centering", rf"\caption{{{_tex(caption)}}}", rf"\label{{{label}}}",
+           rf"\begin{{tabular}}{{{cols}}}", r"\hline",
+           " & ".join(_tex(h) for h in header) + r" \\", r"\hline"]
+    out += [" & ".join(_tex(v) for v in r) + r" \\" for r in rows]
+    out += [r"\hline", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# published numbers and protocol labels
+# --------------------------------------------------------------------------------------------
+def load_published(path: Optional[os.PathLike] = None) -> dict:
+    """Load the published comparison numbers (``cervical/published.json`` by default).
+
+    The file holds thesis Table 7.1 (previous works on SIPaKMeD with their citations, and the
+    study's own best results), the study's per-model per-class results of Tables 6.2–6.4, and the
+    numbers printed in the study's notebooks.
+
+    Args:
+        path: another JSON file of the same layout.
+
+    Returns:
+        the parsed dict.
+
+    Raises:
+        ReportError: the file is missing or not valid JSON.
+    """
+    p = Path(path) if path is not None else Path(__file__).with_name("published.json")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{p}: cannot read the published results ({type(exc).__name__}); reinstall cervical") from None
+
+
+def protocol_label(split: Optional[str], fold: Optional[int] = None, folds: Optional[int] = None) -> str:
+    """Human label of a dataset's split protocol (dataset.json "split").
+
+    "thesis" and the study's manifest (``manifest:thesis_split.csv``) are the study's cell-level
+    split: cells of one cluster image can sit in train and test.  "grouped" keeps every cluster
+    image inside one split.
+
+    Args:
+        split: dataset.json's "split" value (None when unknown).
+        fold: the fold index when the dataset is one fold of a K-fold split.
+        folds: K.
+
+    Returns:
+        e.g. "cell-level (thesis)", "grouped", "grouped 5-fold CV", "manifest (x.csv)", "unknown".
+    """
+    if not split:
+        return "unknown"
+    s = str(split)
+    if s == "thesis" or (s.startswith("manifest:") and "thesis" in s):
+        return "cell-level (thesis)"
+    if s == "grouped":
+        if fold is not None:
+            return f"grouped {folds}-fold CV" if folds else "grouped K-fold CV"
+        return "grouped"
+    if s.startswith("manifest:"):
+        return f"manifest ({s.split(':', 1)[1]})"
+    return s
+
+
+def _fold_of(config: dict, info: dict, data_dir: Optional[str]) -> Tuple[Optional[int], Optional[int]]:
+    """(fold, K) from the run config, the dataset info or a data folder named fold_<k>."""
+    fold = config.get("fold", info.get("fold"))
+    folds = config.get("folds", info.get("folds"))
+    if fold is None and data_dir:
+        m = re.fullmatch(r"fold_(\d+)", Path(data_dir).name)
+        if m:
+            fold = int(m.group(1))
+    return (int(fold) if fold is not None else None), (int(folds) if folds else None)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation of one run
+# --------------------------------------------------------------------------------------------
+def _read_config(run: Path) -> dict:
+    f = run / "config.json"
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{f}: unreadable ({type(exc).__name__}); fix or remove it") from None
+
+
+def _load_model(path: Path):
+    """keras.models.load_model in safe mode, after importing the modules that register our layers."""
+    import keras
+
+    for mod in ("cervical.models", "cervical.losses"):
+        try:
+            __import__(mod)
+        except ImportError:
+            pass
+    try:
+        return keras.models.load_model(path)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types; report one line
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ReportError(f"{path}: cannot be loaded ({type(exc).__name__}: {first}); "
+                          f"retrain the run or check the Keras version") from None
+
+
+def predict_proba(model, x: np.ndarray, batch_size: int = 64, progress: Progress = None) -> np.ndarray:
+    """Class probabilities of a Keras model on raw RGB images, in batches.
+
+    Args:
+        model: a Keras model taking raw 0–255 RGB float input (preprocessing inside the model).
+        x: uint8 or float array (N, H, W, 3).
+        batch_size: images per forward pass.
+        progress: None/False quiet, True a stderr counter, or a callable (done, total, note).
+
+    Returns:
+        float64 array (N, K).  If the model outputs logits (rows not summing to 1), a softmax is
+        applied: p_k = exp(z_k − max z) / Σ_j exp(z_j − max z).
+    """
+    report = _progress_fn(progress)
+    n = int(x.shape[0])
+    out = []
+    for i in range(0, n, int(batch_size)):
+        xb = np.asarray(x[i:i + batch_size], dtype=np.float32)
+        out.append(np.asarray(model.predict_on_batch(xb), dtype=np.float64))
+        if report:
+            report(min(i + batch_size, n), n, "predict")
+    p = np.concatenate(out, axis=0) if out else np.zeros((0, 0))
+    if p.ndim != 2:
+        raise ReportError(f"model output has shape {p.shape}; expected (N, classes) probabilities")
+    if p.size and (p.min() < 0 or np.any(np.abs(p.sum(axis=1) - 1.0) > 1e-3)):
+        z = p - p.max(axis=1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    return p
+
+
+def classification_table(summary: dict) -> Tuple[List[str], List[List[str]]]:
+    """The thesis layout of Tables 6.2–6.4 for one model: class rows, then macro and weighted averages.
+
+    The thesis headed its columns "Weighted Precision / Recall / F1" but printed the per-class
+    values of scikit-learn's classification_report; here the per-class rows say what they are
+    and the support-weighted averages get their own row.
+
+    Args:
+        summary: a :func:`cervical.metrics.summarize` dict.
+
+    Returns:
+        (header, rows) of strings; accuracy (%) sits in the first row as in the thesis.
+    """
+    header = ["Class", "Precision", "Recall", "F1 score", "Support", "Accuracy"]
+    rows = []
+    for i, (name, pc) in enumerate(summary["per_class"].items()):
+        rows.append([name, _fmt(pc["precision"]), _fmt(pc["recall"]), _fmt(pc["f1"]), str(pc["support"]),
+                     _pct(summary["accuracy"]) if i == 0 else ""])
+    n = summary["n"]
+    rows.append(["macro avg", _fmt(summary["macro_precision"]), _fmt(summary["macro_recall"]),
+                 _fmt(summary["macro_f1"]), str(n), ""])
+    rows.append(["weighted avg", _fmt(summary["weighted_precision"]), _fmt(summary["weighted_recall"]),
+                 _fmt(summary["weighted_f1"]), str(n), ""])
+    return header, rows
+
+
+def plot_confusion_matrix(cm, class_names: Sequence[str], path: os.PathLike, title: str = "") -> Path:
+    """Confusion matrix figure: rows = true class, columns = predicted class.
+
+    Each cell shows the count and the row-normalised percentage (share of the true class), the
+    colour is the row-normalised value, so per-class recall sits on the diagonal.
+
+    Args:
+        cm: (K, K) counts, cm[i, j] = #{true i, predicted j}.
+        class_names: K tick labels.
+        path: PNG to write.
+        title: figure title.
+
+    Returns:
+        the PNG path.
+    """
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(cm, dtype=np.int64)
+    k = cm.shape[0]
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    side = max(4.0, 1.0 + 1.1 * k)
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{cm[i, j]}\n{100 * norm[i, j]:.1f}%", ha="center", va="center",
+                    fontsize=8 if k <= 7 else 6, color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(class_names, rotation=35, ha="right")
+    ax.set_yticklabels(class_names)
+    ax.set_xlabel("Predicted class")
+    ax.set_ylabel("True class")
+    ax.set_title(title or "Confusion matrix (rows: true, columns: predicted)")
+    return _save_fig(fig, Path(path))
+
+
+def plot_reliability(reliability: dict, ece: Optional[float], path: os.PathLike, title: str = "") -> Path:
+    """Reliability diagram (Guo et al. 2017, Fig. 1): accuracy vs confidence per bin, plus bin counts.
+
+    Args:
+        reliability: :func:`cervical.metrics.reliability_data` output.
+        ece: expected calibration error shown in the title.
+        path: PNG to write.
+        title: figure title prefix.
+
+    Returns:
+        the PNG path.
+    """
+    from matplotlib.figure import Figure
+
+    edges = np.asarray(reliability["bin_edges"])
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    acc = np.array([np.nan if a is None else a for a in reliability["accuracy"]])
+    conf = np.array([np.nan if c is None else c for c in reliability["confidence"]])
+    count = np.asarray(reliability["count"])
+    fig = Figure(figsize=(5.0, 6.0))
+    ax = fig.add_axes((0.14, 0.36, 0.8, 0.56))
+    ax2 = fig.add_axes((0.14, 0.08, 0.8, 0.2), sharex=ax)
+    ok = count > 0
+    ax.bar(centers[ok], acc[ok], width=width, edgecolor="black", color="#4c72b0", label="accuracy")
+    ax.bar(centers[ok], conf[ok] - acc[ok], bottom=acc[ok], width=width, color="#dd8452", alpha=0.45,
+           edgecolor="#dd8452", hatch="//", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{title + ': ' if title else ''}ECE = {_fmt(ece)} ({len(count)} bins)")
+    ax2.bar(centers, count, width=width, color="gray", edgecolor="black")
+    ax2.set_xlabel("Confidence (max probability)")
+    ax2.set_ylabel("Count")
+    return _save_fig(fig, Path(path))
+
+
+def _resolve_eval_inputs(run: Path, data_dir, split: str):
+    """Check the run folder and return (config, data folder, external flag)."""
+    if split not in SPLITS:
+        raise ReportError(f"--split {split}: unknown; choose one of {', '.join(SPLITS)}")
+    if not run.is_dir():
+        raise ReportError(f"--run {run}: not a folder; pass a run folder made by 'python cli.py train'")
+    if not (run / "model.keras").is_file():
+        raise ReportError(f"--run {run}: no model.keras; train the run first ('python cli.py train --out {run}')")
+    config = _read_config(run)
+    own = config.get("data_dir")
+    if data_dir is None and not own:
+        raise ReportError(f"--run {run}: config.json names no data_dir; pass --data DIR (a prepared dataset)")
+    data = Path(data_dir if data_dir is not None else own)
+    external = data_dir is not None and (not own or Path(own).resolve() != data.resolve())
+    return config, data, external
+
+
+def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, split: str = "test",
+                 out_dir: Optional[os.PathLike] = None, progress: Progress = None, batch_size: int = 64,
+                 n_boot: int = 1000, seed: int = 0, abnormal: Optional[Sequence[str]] = None) -> dict:
+    """Evaluate a trained run on one split and write the eval folder.
+
+    Loads ``RUN/model.keras`` and the split of the run's prepared dataset (``config.json``
+    "data_dir"), or of another prepared dataset (``data_dir``: external validation, e.g. a model
+    trained on SIPaKMeD applied to Herlev with the same task classes).  Augmented training copies
+    are left out: metrics are computed on original images only.
+
+    Writes to ``out_dir`` (default ``RUN/eval/<split>``, or ``RUN/eval/external-<name>-<split>``
+    for another dataset): metrics.json (:func:`cervical.metrics.summarize` with 95 % bootstrap
+    intervals and a "meta" block), predictions.csv (path,true,predicted,prob_<class>...),
+    classification.md/.csv/.tex (thesis layout), confusion_matrix.png, reliability.png.
+
+    Args:
+        run_dir: run folder with model.keras (and config.json).
+        data_dir: prepared dataset to evaluate on (default: the run's own).
+        split: "test", "val", "train" or "all".
+        out_dir: where to write (default above).
+        progress: None/False quiet, True a stderr counter, or a callable (done, total, note).
+        batch_size: images per forward pass.
+        n_boot: bootstrap resamples for the intervals (0: none).
+        seed: bootstrap seed.
+        abnormal: class names counted as abnormal (default by name, see
+            :func:`cervical.metrics.default_abnormal_classes`).
+
+    Returns:
+        the summary dict written to metrics.json, plus "files": {name: path}.
+
+    Raises:
+        ReportError: no model, no data folder, unknown split, classes that differ from the run's,
+            or a model whose output size differs from the number of classes.
+        cervical.data.DataError: the prepared dataset is missing, broken or the split is empty.
+    """
+    from cervical import data as cdata
+
+    run = Path(run_dir)
+    config, data, external = _resolve_eval_inputs(run, data_dir, split)
+    info = cdata.read_info(data)
+    part = cdata.load_split(data, split)
+    names = list(part.class_names)
+    y = np.asarray(part.y, dtype=np.int64)
+    run_names = config.get("class_names")
+    if run_names and list(run_names) != names:
+        if sorted(run_names) != sorted(names):
+            raise ReportError(f"--data {data}: classes {names} differ from the run's {list(run_names)}; "
+                              f"evaluate on a dataset prepared with the same --task or --class-map")
+        y = np.array([list(run_names).index(names[i]) for i in y], dtype=np.int64)  # same set, other order
+        names = list(run_names)
+    keep = ~np.asarray(part.augmented, dtype=bool)
+    if not keep.any():
+        raise ReportError(f"--split {split}: only augmented copies in {data}; choose another split")
+    x = part.x[keep]
+    y = y[keep]
+    paths = [p for p, k in zip(part.paths, keep) if k]
+
+    model = _load_model(run / "model.keras")
+    prob = predict_proba(model, x, batch_size=batch_size, progress=progress)
+    if prob.shape[1] != len(names):
+        raise ReportError(f"{run / 'model.keras'}: outputs {prob.shape[1]} classes but {data} has "
+                          f"{len(names)} ({', '.join(names)}); evaluate on data of the run's task")
+    pred = prob.argmax(axis=1)
+    summary = metrics.summarize(y, pred, names, y_prob=prob, abnormal=abnormal, n_boot=n_boot, seed=seed)
+    fold, folds = _fold_of(config, info, str(data))
+    summary["meta"] = {
+        "run": str(run.resolve()),
+        "model": config.get("model"),
+        "regime": config.get("regime"),
+        "loss": config.get("loss"),
+        "variant": config.get("variant"),
+        "split": split,
+        "data_dir": str(data.resolve()),
+        "dataset": info.get("dataset"),
+        "task": info.get("task"),
+        "split_protocol": info.get("split", config.get("split_protocol")),
+        "protocol": protocol_label(info.get("split", config.get("split_protocol")), fold, folds),
+        "fold": fold,
+        "folds": folds,
+        "external": bool(external),
+        "augmented_excluded": int((~keep).sum()),
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+    if out_dir is None:
+        sub = split if not external else f"external-{_slug(data.name)}-{split}"
+        out_dir = run / "eval" / sub
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    files["metrics.json"] = _write_json(out / "metrics.json", summary)
+    files["predictions.csv"] = _write_csv(
+        out / "predictions.csv", ["path", "true", "predicted"] + [f"prob_{c}" for c in names],
+        [[p, names[t], names[q]] + [f"{v:.6f}" for v in pr] for p, t, q, pr in zip(paths, y, pred, prob)])
+    header, rows = classification_table(summary)
+    label = f"{MODEL_NAMES.get(config.get('model'), config.get('model') or run.name)}"
+    caption = (f"{label} ({config.get('regime') or 'run'}), {split} split, n = {summary['n']}, "
+               f"{summary['meta']['protocol']} protocol")
+    files["classification.md"] = _write_text(out / "classification.md", f"**{caption}**\n\n" + _md_table(header, rows))
+    files["classification.csv"] = _write_csv(out / "classification.csv", header, rows)
+    files["classification.tex"] = _write_text(out / "classification.tex",
+                                              _tex_table(header, rows, caption, f"tab:{_slug(label)}-{split}"))
+    files["confusion_matrix.png"] = plot_confusion_matrix(summary["confusion_matrix"], names,
+                                                          out / "confusion_matrix.png", title=caption)
+    files["reliability.png"] = plot_reliability(summary["reliability"], summary["ece"], out / "reliability.png",
+                                                title=label)
+    summary["files"] = {k: str(v) for k, v in files.items()}
+    return summary
+
+
+def format_eval(summary: dict) -> str:
+    """A short terminal table of an :func:`evaluate_run` summary (per-class scores and headline numbers)."""
+    meta = summary.get("meta", {})
+    lines = [f"run {meta.get('run', '?')}  split {meta.get('split', '?')}  n = {summary['n']}  "
+             f"protocol {meta.get('protocol', '?')}" + ("  (external data)" if meta.get("external") else "")]
+    width = max(12, max(len(c) for c in summary["class_names"]))
+    lines.append(f"{'class':<{width}}  precision  recall      f1  support")
+    for name, pc in summary["per_class"].items():
+        lines.append(f"{name:<{width}}  {pc['precision']:9.4f}  {pc['recall']:6.4f}  {pc['f1']:6.4f}  {pc['support']:7d}")
+    ci = summary.get("ci", {})
+
+    def with_ci(key):
+        c = ci.get(key)
+        return _fmt(summary[key]) + (f" [{c['low']:.4f}, {c['high']:.4f}]" if c else "")
+    lines.append(f"accuracy {with_ci('accuracy')}   macro-F1 {with_ci('macro_f1')}   "
+                 f"balanced accuracy {_fmt(summary['balanced_accuracy'])}   kappa {_fmt(summary['kappa'])}")
+    extra = [f"ROC-AUC {_fmt(summary.get('roc_auc'))}", f"log loss {_fmt(summary.get('log_loss'))}",
+             f"ECE {_fmt(summary.get('ece'))}"]
+    if summary.get("abnormal_classes"):
+        extra += [f"sensitivity {_fmt(summary['sensitivity'])}", f"specificity {_fmt(summary['specificity'])}"
+                  f" (abnormal = {', '.join(summary['abnormal_classes'])})"]
+    lines.append("   ".join(extra))
+    if summary.get("files"):
+        lines.append(f"written to {Path(summary['files']['metrics.json']).parent}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# report over several runs
+# --------------------------------------------------------------------------------------------
+def _collect_run(run: Path, split: str, evaluate_missing: bool, progress: Progress) -> dict:
+    """Config + eval summary of one run (evaluating it first when its metrics.json is missing)."""
+    if not run.is_dir():
+        raise ReportError(f"--runs {run}: not a folder; pass run folders made by 'python cli.py train'")
+    f = run / "eval" / split / "metrics.json"
+    if f.is_file():
+        try:
+            summary = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ReportError(f"{f}: unreadable ({type(exc).__name__}); rerun 'python cli.py eval --run {run}'") from None
+    elif evaluate_missing:
+        summary = evaluate_run(run, split=split, progress=progress)
+    else:
+        raise ReportError(f"--runs {run}: no eval/{split}/metrics.json; run 'python cli.py eval --run {run}' first")
+    config = _read_config(run)
+    meta = summary.get("meta", {})
+    model = config.get("model") or meta.get("model") or run.name
+    regime = config.get("regime") or meta.get("regime") or "unknown"
+    loss = config.get("loss") or meta.get("loss")
+    fold = meta.get("fold")
+    if fold is None:
+        fold, _ = _fold_of(config, {}, config.get("data_dir"))
+    return {
+        "run": run, "summary": summary, "config": config, "model": model, "regime": regime,
+        "loss": loss, "variant": config.get("variant") or meta.get("variant"),
+        "dataset": meta.get("dataset") or config.get("dataset"), "protocol": meta.get("protocol")
+        or protocol_label(config.get("split_protocol")), "fold": fold,
+        "history": run / "contrastive_history.csv",
+    }
+
+
+def _group_label(r: dict) -> str:
+    label = MODEL_NAMES.get(r["model"], r["model"])
+    if r["regime"] == "contrastive" and r["loss"]:
+        label += f" ({r['loss']})"
+    if r["variant"] == "thesis":
+        label += " [thesis variant]"
+    return label
+
+
+def _group_runs(records: List[dict]) -> List[dict]:
+    """Runs of the same regime, model, loss, variant, dataset and protocol form one group (folds or seeds)."""
+    groups: Dict[tuple, dict] = {}
+    for r in records:
+        key = (r["regime"], r["model"], r["loss"], r["variant"], r["dataset"], r["protocol"])
+        g = groups.setdefault(key, {"key": key, "regime": r["regime"], "model": r["model"], "loss": r["loss"],
+                                    "variant": r["variant"], "dataset": r["dataset"], "protocol": r["protocol"],
+                                    "label": _group_label(r), "runs": []})
+        g["runs"].append(r)
+    order = {k: i for i, k in enumerate(REGIMES)}
+    models = {m: i for i, m in enumerate(MODEL_NAMES)}
+    out = sorted(groups.values(), key=lambda g: (order.get(g["regime"], len(order)), g["regime"],
+                                                 models.get(g["model"], len(models)), g["label"],
+                                                 str(g["dataset"]), g["protocol"]))
+    for g in out:
+        _aggregate(g)
+    return out
+
+
+def _mean_std(values: List[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (ddof = 1) of the defined values; std None for one value."""
+    v = np.array([x for x in values if _finite(x) is not None], dtype=np.float64)
+    if v.size == 0:
+        return None, None
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None)
+
+
+def _aggregate(g: dict) -> None:
+    """Mean ± std over a group's runs, per metric and per class; confusion matrices summed."""
+    sums = [r["summary"] for r in g["runs"]]
+    folds = [r["fold"] for r in g["runs"]]
+    g["n_runs"] = len(sums)
+    g["kind"] = ("folds" if len(sums) > 1 and None not in folds and len(set(folds)) == len(folds)
+                 else "runs" if len(sums) > 1 else "single")
+    g["metrics"] = {m: _mean_std([s.get(m) for s in sums]) for m in AGG_METRICS}
+    names = sums[0]["class_names"]
+    g["class_names"] = names
+    g["per_class"] = {c: {k: _mean_std([s["per_class"][c][k] for s in sums]) for k in ("precision", "recall", "f1")}
+                      for c in names}
+    g["support"] = {c: int(sum(s["per_class"][c]["support"] for s in sums)) for c in names}
+    g["confusion_matrix"] = np.sum([np.asarray(s["confusion_matrix"]) for s in sums], axis=0).tolist()
+    g["ci"] = sums[0].get("ci") if len(sums) == 1 else None
+    g["n_test"] = int(sum(s["n"] for s in sums))
+
+
+def _thesis_block(published: dict, group: dict) -> Optional[dict]:
+    """The thesis's Table 6.2–6.4 entry for a group's (regime, model[, loss]) when its classes are SIPaKMeD's."""
+    if list(group["class_names"]) != list(published.get("class_names", [])):
+        return None
+    block = published.get("study_tables", {}).get(group["regime"], {})
+    if block.get("loss") and group.get("loss") and group["loss"] != block["loss"]:
+        return None  # Table 6.4 is N-pairs only
+    return block.get("models", {}).get(group["model"])
+
+
+def _study_table(groups: List[dict], published: dict) -> Tuple[List[str], List[list], List[str], List[list]]:
+    """Markdown rows and CSV rows of one regime's Table 6.2–6.4 style table."""
+    md_header = ["Classifier", "Class", "Precision", "Recall", "F1 score", "Accuracy", "Thesis P / R / F1", "Thesis acc."]
+    csv_header = ["classifier", "runs", "dataset", "protocol", "class", "precision", "precision_std", "recall",
+                  "recall_std", "f1", "f1_std", "support", "accuracy", "accuracy_std", "thesis_precision",
+                  "thesis_recall", "thesis_f1", "thesis_accuracy"]
+    md, rows = [], []
+    for g in groups:
+        th = _thesis_block(published, g)
+        acc_m, acc_s = g["metrics"]["accuracy"]
+        name = g["label"] + (f" (mean ± std, {g['n_runs']} {g['kind']})" if g["n_runs"] > 1 else "")
+        for i, c in enumerate(g["class_names"]):
+            pc = g["per_class"][c]
+            tc = th["per_class"].get(c) if th else None
+            md.append([name if i == 0 else "", c, _fmt_pm(*pc["precision"], 2 if g["n_runs"] == 1 else 3),
+                       _fmt_pm(*pc["recall"], 2 if g["n_runs"] == 1 else 3),
+                       _fmt_pm(*pc["f1"], 2 if g["n_runs"] == 1 else 3),
+                       (_pct(acc_m) + (f" ± {100 * acc_s:.2f}" if acc_s is not None else "")) if i == 0 else "",
+                       f"{tc['precision']:.2f} / {tc['recall']:.2f} / {tc['f1']:.2f}" if tc else "",
+                       _pct(th["accuracy"]) if th and i == 0 else ""])
+            rows.append([g["label"], g["n_runs"], g["dataset"], g["protocol"], c,
+                         pc["precision"][0], pc["precision"][1], pc["recall"][0], pc["recall"][1],
+                         pc["f1"][0], pc["f1"][1], g["support"][c], acc_m, acc_s,
+                         tc["precision"] if tc else None, tc["recall"] if tc else None,
+                         tc["f1"] if tc else None, th["accuracy"] if th else None])
+    return md_header, md, csv_header, rows
+
+
+def _plot_accuracy_bars(groups: List[dict], published: dict, title: str, path: Path) -> Path:
+    """Accuracy per model (Figs 6.1/6.2/6.4), error bars = std over folds/runs or the 95 % bootstrap CI."""
+    from matplotlib.figure import Figure
+
+    labels = [g["label"] for g in groups]
+    acc = np.array([100 * g["metrics"]["accuracy"][0] for g in groups])
+    err = np.zeros((2, len(groups)))
+    for i, g in enumerate(groups):
+        if g["metrics"]["accuracy"][1] is not None:
+            err[:, i] = 100 * g["metrics"]["accuracy"][1]
+        elif g["ci"] and "accuracy" in g["ci"]:
+            err[0, i] = acc[i] - 100 * g["ci"]["accuracy"]["low"]
+            err[1, i] = 100 * g["ci"]["accuracy"]["high"] - acc[i]
+    fig = Figure(figsize=(max(5.0, 1.3 * len(groups) + 2), 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    xs = np.arange(len(groups))
+    bars = ax.bar(xs, acc, yerr=err, capsize=4, color="#4c72b0", edgecolor="black", label="this report")
+    th_x, th_y = [], []
+    for i, g in enumerate(groups):
+        th = _thesis_block(published, g)
+        if th:
+            th_x.append(i)
+            th_y.append(100 * th["accuracy"])
+    if th_x:
+        ax.scatter(th_x, th_y, marker="D", color="#c44e52", zorder=3, label="thesis (cell-level split)")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=20, ha="right")
+    low = float(np.nanmin(np.concatenate([acc - err[0], th_y]))) if len(groups) else 0.0
+    bottom = max(0.0, min(low - 5.0, 90.0))
+    ax.set_ylim(bottom, 101.0)
+    for b, a in zip(bars, acc):  # value inside the bar, clear of the error bar
+        ax.text(b.get_x() + b.get_width() / 2, bottom + 0.4, f"{a:.2f}", ha="center", va="bottom",
+                fontsize=8, color="white", fontweight="bold")
+    ax.set_ylabel("Accuracy (%)")
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return _save_fig(fig, path)
+
+
+def _read_history(path: Path) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(epoch, loss) columns of a contrastive_history.csv, or None when absent or empty."""
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("loss") not in (None, "")]
+    if not rows:
+        return None
+    ep = np.array([float(r.get("epoch") or i) for i, r in enumerate(rows)])
+    return ep, np.array([float(r["loss"]) for r in rows])
+
+
+def _plot_contrastive_losses(records: List[dict], path: Path) -> Optional[Path]:
+    """Fig. 6.3: phase-1 contrastive loss per epoch, one panel per loss, one line per run."""
+    from matplotlib.figure import Figure
+
+    curves: Dict[str, list] = {}
+    for r in records:
+        h = _read_history(r["history"])
+        if h is not None:
+            curves.setdefault(str(r["loss"] or "contrastive"), []).append((r, h))
+    if not curves:
+        return None
+    fig = Figure(figsize=(4.2 * len(curves), 3.8), layout="constrained")
+    for i, (loss, items) in enumerate(sorted(curves.items())):
+        ax = fig.add_subplot(1, len(curves), i + 1)
+        for r, (ep, lv) in items:
+            lab = MODEL_NAMES.get(r["model"], r["model"]) + (f" fold {r['fold']}" if r["fold"] is not None else "")
+            ax.plot(ep, lv, marker="o", ms=2, lw=1.2, label=lab)
+        ax.set_title(f"({chr(ord('a') + i)}) {loss} loss")
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel("Loss")
+        ax.legend(fontsize=7)
+    fig.suptitle("Contrastive pre-training loss (cf. thesis Fig. 6.3)")
+    return _save_fig(fig, path)
+
+
+def _comparison_rows(groups: List[dict], published: dict) -> Tuple[List[str], List[list]]:
+    """Thesis Table 7.1 rows followed by ours, each with its dataset and split protocol."""
+    header = ["Author/Year", "Method", "Dataset", "Split protocol", "Accuracy", "95 % CI / std", "Source"]
+    rows = []
+    for p in published.get("table_7_1", []):
+        rows.append([f"{p['author']}/{p['year']} {p.get('ref', '')}".strip(), p["method"], p.get("dataset", ""),
+                     protocol_label(p.get("split_protocol")), p["accuracy"], "", p.get("citation", "")])
+    ours = []
+    for g in groups:
+        m, s = g["metrics"]["accuracy"]
+        spread = (f"± {s:.4f} ({g['n_runs']} {g['kind']})" if s is not None else
+                  f"[{g['ci']['accuracy']['low']:.4f}, {g['ci']['accuracy']['high']:.4f}]" if g["ci"] else "")
+        regime = REGIMES.get(g["regime"], (g["regime"],))[0]
+        runs = ", ".join(str(r["run"]) for r in g["runs"])
+        ours.append(["This report", f"{regime}, {g['label']}", g["dataset"] or "", g["protocol"], m, spread, runs])
+    ours.sort(key=lambda r: -(r[4] if r[4] is not None else -1))
+    return header, rows + ours
+
+
+def _short_source(row: list) -> str:
+    """Markdown cell for the source column: the citation cut to its title, or the run folder names."""
+    text = str(row[6] or "")
+    if row[0] == "This report":
+        names = [Path(p.strip()).name for p in text.split(",")]
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+    return text if len(text) <= 90 else text[:90].rsplit(" ", 1)[0] + " …"
+
+
+def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: str = "test",
+                 evaluate_missing: bool = True, progress: Progress = None,
+                 published: Optional[dict] = None) -> Path:
+    """The study's tables and figures over several runs, with the published numbers beside them.
+
+    Reads ``RUN/eval/<split>/metrics.json`` of every run (evaluating runs that have none when
+    ``evaluate_missing``), groups runs of the same regime, model, loss, variant, dataset and
+    split protocol (folds of a K-fold split, or repeated seeds) into mean ± sample std (ddof 1),
+    and writes to ``out_dir``:
+
+    - ``report.md``: everything below, PNGs embedded;
+    - ``runs.csv``: one line per run (accuracy, CIs, macro-F1, balanced accuracy, kappa, ECE, ...);
+    - ``table_<regime>.md/.csv``: Tables 6.2–6.4 layout, one block per model, class rows, with the
+      thesis's values beside ours when the classes are SIPaKMeD's;
+    - ``fig_accuracy_<regime>.png``: Figs 6.1/6.2/6.4 (bars, error bars, thesis markers);
+    - ``fig_contrastive_losses.png``: Fig. 6.3, when contrastive runs have a loss history;
+    - ``aggregate.md/.csv``: mean ± std per metric per group (when a group has several runs);
+    - ``comparison.md/.csv``: Table 7.1 with our runs added, each with dataset and split protocol;
+    - ``cm_<group>.png``: confusion matrix per group (summed over folds);
+    - ``report.json``: the grouped numbers, machine-readable.
+
+    Args:
+        run_dirs: run folders.
+        out_dir: report folder (created).
+        split: which eval split to report.
+        evaluate_missing: evaluate runs without metrics.json (needs TensorFlow).
+        progress: None/False quiet, True a stderr counter, or a callable (done, total, note).
+        published: the published numbers (default :func:`load_published`).
+
+    Returns:
+        path of report.md.
+
+    Raises:
+        ReportError: no runs, a run folder that is missing or not evaluated, or runs whose class
+            sets differ.
+    """
+    if not run_dirs:
+        raise ReportError("--runs: no run folders given; pass one or more folders made by 'python cli.py train'")
+    if split not in SPLITS:
+        raise ReportError(f"--split {split}: unknown; choose one of {', '.join(SPLITS)}")
+    published = published if published is not None else load_published()
+    report = _progress_fn(progress)
+    unique = list(dict.fromkeys(Path(rd).resolve() for rd in run_dirs))  # a run given twice counts once
+    records = []
+    for i, rd in enumerate(unique):
+        records.append(_collect_run(Path(rd), split, evaluate_missing, progress))
+        if report:
+            report(i + 1, len(unique), "runs")
+    first = records[0]["summary"]["class_names"]
+    for r in records[1:]:
+        if r["summary"]["class_names"] != first:
+            raise ReportError(f"--runs: {r['run']} has classes {r['summary']['class_names']} but "
+                              f"{records[0]['run']} has {first}; report runs of one task together")
+    groups = _group_runs(records)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    md = [f"# Results report ({split} split)", "",
+          f"{len(records)} run(s), {len(groups)} model group(s); generated "
+          f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} by cervical.", "",
+          "**Split protocol matters.** *cell-level (thesis)* is the study's split: cells cut from one cluster "
+          "image can sit in train and test (745 of SIPaKMeD's 812 test cells do), so its numbers are "
+          "optimistic. *grouped* keeps each cluster image in one split. Numbers on other datasets (e.g. the "
+          "synthetic default) are not comparable with SIPaKMeD numbers; the *Dataset* column says which is which.",
+          ""]
+
+    # --- per-run table -------------------------------------------------------------------
+    run_header = ["run", "model", "regime", "loss", "variant", "dataset", "protocol", "fold", "n", "accuracy",
+                  "accuracy_low", "accuracy_high", "macro_f1", "macro_f1_low", "macro_f1_high",
+                  "balanced_accuracy", "weighted_f1", "kappa", "roc_auc", "log_loss", "ece", "sensitivity",
+                  "specificity"]
+    run_rows = []
+    for r in records:
+        s = r["summary"]
+        ci = s.get("ci", {})
+        run_rows.append([str(r["run"]), r["model"], r["regime"], r["loss"], r["variant"], r["dataset"], r["protocol"],
+                         r["fold"], s["n"], s["accuracy"], ci.get("accuracy", {}).get("low"),
+                         ci.get("accuracy", {}).get("high"), s["macro_f1"], ci.get("macro_f1", {}).get("low"),
+                         ci.get("macro_f1", {}).get("high")] + [s.get(m) for m in
+                        ("balanced_accuracy", "weighted_f1", "kappa", "roc_auc", "log_loss", "ece", "sensitivity",
+                         "specificity")])
+    _write_csv(out / "runs.csv", run_header, run_rows)
+    md += ["## Runs", "",
+           _md_table(["Run", "Model", "Regime", "Dataset", "Protocol", "n", "Accuracy [95 % CI]",
+                      "Macro-F1 [95 % CI]", "Bal. acc.", "Kappa", "ECE", "Sens. / Spec. (abnormal)"],
+                     [[Path(r[0]).name, MODEL_NAMES.get(r[1], r[1]), r[2] + (f" ({r[3]})" if r[3] else ""), r[5],
+                       r[6] + (f" fold {r[7]}" if r[7] is not None else ""), r[8],
+                       _fmt(r[9]) + (f" [{r[10]:.4f}, {r[11]:.4f}]" if r[10] is not None else ""),
+                       _fmt(r[12]) + (f" [{r[13]:.4f}, {r[14]:.4f}]" if r[13] is not None else ""),
+                       _fmt(r[15]), _fmt(r[17]), _fmt(r[20]), f"{_fmt(r[21])} / {_fmt(r[22])}"] for r in run_rows]),
+           "Full numbers: [runs.csv](runs.csv).", ""]
+
+    # --- study tables and bar charts per regime ------------------------------------------
+    regimes = [k for k in REGIMES if any(g["regime"] == k for g in groups)]
+    regimes += sorted({g["regime"] for g in groups} - set(REGIMES))
+    for regime in regimes:
+        gs = [g for g in groups if g["regime"] == regime]
+        title, ref = REGIMES.get(regime, (regime, "no counterpart in the thesis"))
+        mh, mrows, ch, crows = _study_table(gs, published)
+        slug = _slug(regime)
+        _write_text(out / f"table_{slug}.md", f"**{title}** ({ref})\n\n" + _md_table(mh, mrows))
+        _write_csv(out / f"table_{slug}.csv", ch, crows)
+        fig = _plot_accuracy_bars(gs, published, f"{title}: accuracy per model", out / f"fig_accuracy_{slug}.png")
+        md += [f"## {title} ({ref})", "", _md_table(mh, mrows),
+               f"CSV: [table_{slug}.csv](table_{slug}.csv). Per-class rows are per-class scores (the thesis "
+               "headed them 'weighted'); thesis values are on SIPaKMeD with its cell-level split.", "",
+               f"![{title}: accuracy per model]({fig.name})", ""]
+
+    # --- contrastive loss curves (Fig. 6.3) ----------------------------------------------
+    fig = _plot_contrastive_losses([r for r in records if r["regime"] == "contrastive"],
+                                   out / "fig_contrastive_losses.png")
+    if fig is not None:
+        md += ["## Contrastive loss curves (cf. thesis Fig. 6.3)", "",
+               "The study's NT-Xent and triplet curves were flat because those losses were broken "
+               "(labels ignored; collapse to ln 31 = 3.4333 and to the margin 0.2).", "",
+               f"![contrastive losses]({fig.name})", ""]
+
+    # --- folds / repeated runs -----------------------------------------------------------
+    multi = [g for g in groups if g["n_runs"] > 1]
+    if multi:
+        agg_header = ["group", "regime", "dataset", "protocol", "runs", "kind"] + [
+            x for m in AGG_METRICS for x in (m, f"{m}_std")]
+        agg_rows = [[g["label"], g["regime"], g["dataset"], g["protocol"], g["n_runs"], g["kind"]]
+                    + [x for m in AGG_METRICS for x in g["metrics"][m]] for g in multi]
+        _write_csv(out / "aggregate.csv", agg_header, agg_rows)
+        shown = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "kappa", "ece")
+        agg_md = _md_table(["Model", "Regime", "Protocol", "Runs"] + list(shown),
+                           [[g["label"], g["regime"], g["protocol"], f"{g['n_runs']} {g['kind']}"]
+                            + [_fmt_pm(*g["metrics"][m]) for m in shown] for g in multi])
+        _write_text(out / "aggregate.md", agg_md)
+        md += ["## Folds and repeated runs: mean ± std", "",
+               "Sample standard deviation (ddof = 1) over the runs of each group.", "", agg_md,
+               "All metrics: [aggregate.csv](aggregate.csv).", ""]
+
+    # --- comparison with published work (Table 7.1) --------------------------------------
+    ch, crows = _comparison_rows(groups, published)
+    _write_csv(out / "comparison.csv", ch, crows)
+    cmp_md = _md_table(ch[:-1] + ["Source / runs"],
+                       [[r[0], r[1], r[2], r[3], _pct(r[4]), r[5], _short_source(r)] for r in crows])
+    _write_text(out / "comparison.md", cmp_md)
+    md += ["## Comparison with published results (cf. thesis Table 7.1)", "", cmp_md,
+           "Full citations: [comparison.csv](comparison.csv).", ""]
+    notes = published.get("notes", [])
+    if notes:
+        md += ["Notes on the published numbers:", ""] + [f"- {n}" for n in notes] + [""]
+
+    # --- confusion matrices --------------------------------------------------------------
+    md += ["## Confusion matrices", "", "Rows: true class; columns: predicted class; counts and share of the "
+           "true class (summed over folds/runs for groups).", ""]
+    used = set()
+    for g in groups:
+        slug = _slug(f"{g['regime']}_{g['label']}_{g['dataset']}_{g['protocol']}")
+        while slug in used:
+            slug += "_"
+        used.add(slug)
+        title = f"{REGIMES.get(g['regime'], (g['regime'],))[0]}: {g['label']}"
+        p = plot_confusion_matrix(g["confusion_matrix"], g["class_names"], out / f"cm_{slug}.png",
+                                  title=f"{title} (n = {g['n_test']})")
+        md += [f"### {title}", "", f"![{title}]({p.name})", ""]
+
+    _write_json(out / "report.json", {
+        "split": split,
+        "runs": [{"run": str(r["run"]), "model": r["model"], "regime": r["regime"], "loss": r["loss"],
+                  "variant": r["variant"], "dataset": r["dataset"], "protocol": r["protocol"], "fold": r["fold"]}
+                 for r in records],
+        "groups": [{k: g[k] for k in ("label", "regime", "model", "loss", "variant", "dataset", "protocol",
+                                      "n_runs", "kind", "n_test", "class_names", "confusion_matrix")}
+                   | {"metrics": {m: {"mean": v[0], "std": v[1]} for m, v in g["metrics"].items()},
+                      "per_class": {c: {k: {"mean": v[0], "std": v[1]} for k, v in pc.items()}
+                                    for c, pc in g["per_class"].items()},
+                      "runs": [str(r["run"]) for r in g["runs"]]}
+                   for g in groups],
+    })
+    return _write_text(out / "report.md", "\n".join(md))

@@ -1,0 +1,290 @@
+"""Known-answer tests for cervical.metrics: scikit-learn on random vectors, hand-derived cases, the
+study's own printed confusion matrix, calibration toys with values worked out by hand."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from cervical import metrics as M
+
+SIPAKMED = ["Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"]
+
+
+def _random_case(seed, k, n=200):
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, k, n)
+    p = np.where(rng.random(n) < 0.6, t, rng.integers(0, k, n))
+    prob = rng.dirichlet(np.ones(k), n)
+    return t, p, prob
+
+
+# ------------------------------------------------------------------------------------------
+# agreement with scikit-learn
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed,k", [(0, 2), (1, 3), (2, 5), (3, 7)])
+def test_summary_equals_sklearn_on_random_vectors(seed, k):
+    t, p, prob = _random_case(seed, k)
+    names = [f"c{i}" for i in range(k)]
+    s = M.summarize(t, p, names, y_prob=prob, n_boot=0)
+    labels = list(range(k))
+    pr, rc, f1, sup = skm.precision_recall_fscore_support(t, p, labels=labels, zero_division=0)
+    np.testing.assert_allclose([s["per_class"][c]["precision"] for c in names], pr, atol=1e-12)
+    np.testing.assert_allclose([s["per_class"][c]["recall"] for c in names], rc, atol=1e-12)
+    np.testing.assert_allclose([s["per_class"][c]["f1"] for c in names], f1, atol=1e-12)
+    assert [s["per_class"][c]["support"] for c in names] == sup.tolist()
+    for avg in ("macro", "weighted"):
+        P, R, F, _ = skm.precision_recall_fscore_support(t, p, labels=labels, average=avg, zero_division=0)
+        assert s[f"{avg}_precision"] == pytest.approx(P, abs=1e-12)
+        assert s[f"{avg}_recall"] == pytest.approx(R, abs=1e-12)
+        assert s[f"{avg}_f1"] == pytest.approx(F, abs=1e-12)
+    assert s["accuracy"] == pytest.approx(skm.accuracy_score(t, p), abs=1e-12)
+    assert s["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(t, p), abs=1e-12)
+    assert s["kappa"] == pytest.approx(skm.cohen_kappa_score(t, p), abs=1e-12)
+    assert s["confusion_matrix"] == skm.confusion_matrix(t, p, labels=labels).tolist()
+    assert s["log_loss"] == pytest.approx(skm.log_loss(t, prob, labels=labels), rel=1e-9)
+    if k == 2:
+        assert s["roc_auc"] == pytest.approx(skm.roc_auc_score(t, prob[:, 1]), abs=1e-12)
+    else:
+        assert s["roc_auc"] == pytest.approx(skm.roc_auc_score(t, prob, multi_class="ovr", average="macro"),
+                                             abs=1e-12)
+    # Brier: plain-loop reference
+    ref = np.mean([sum((prob[i, j] - (t[i] == j)) ** 2 for j in range(k)) for i in range(len(t))])
+    assert s["brier"] == pytest.approx(ref, abs=1e-12)
+
+
+def test_hand_made_with_never_predicted_and_absent_class():
+    # true:  0 0 0 1 1 2     pred: 0 0 1 1 1 1     class 2 never predicted, class 3 absent everywhere
+    t = [0, 0, 0, 1, 1, 2]
+    p = [0, 0, 1, 1, 1, 1]
+    names = ["a", "b", "c", "d"]
+    s = M.summarize(t, p, names, n_boot=0)
+    assert s["confusion_matrix"] == [[2, 1, 0, 0], [0, 2, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+    # precision: a 2/2, b 2/4, c 0/0 -> 0, d 0/0 -> 0; recall: a 2/3, b 2/2, c 0/1, d 0/0 -> 0
+    assert [s["per_class"][c]["precision"] for c in names] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert [s["per_class"][c]["recall"] for c in names] == pytest.approx([2 / 3, 1.0, 0.0, 0.0])
+    # F1 = 2PR/(P+R): a 0.8, b 2/3
+    assert [s["per_class"][c]["f1"] for c in names] == pytest.approx([0.8, 2 / 3, 0.0, 0.0])
+    assert s["accuracy"] == pytest.approx(4 / 6)
+    assert s["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 4)
+    assert s["weighted_f1"] == pytest.approx((3 * 0.8 + 2 * 2 / 3) / 6)
+    assert s["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0) / 3)  # classes present in y_true only
+    # kappa: p_o = 4/6, p_e = (3*2 + 2*4 + 1*0)/36 = 14/36 -> (24-14)/(36-14) = 10/22
+    assert s["kappa"] == pytest.approx(10 / 22)
+    assert s["never_predicted"] == ["c", "d"]
+    assert s["absent_classes"] == ["d"]
+    # and scikit-learn agrees on the averages over all four labels
+    assert s["macro_f1"] == pytest.approx(skm.f1_score(t, p, labels=[0, 1, 2, 3], average="macro", zero_division=0))
+    assert s["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(t, p))
+
+
+def test_class_predicted_but_absent_from_y_true():
+    t = [0, 0, 1, 1]
+    p = [0, 2, 1, 1]
+    s = M.summarize(t, p, ["a", "b", "c"], n_boot=0)
+    assert s["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    # a: P 1/1, R 1/2, F1 2/3; b: P 1, R 1, F1 1
+    assert s["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert s["macro_precision"] == pytest.approx(skm.precision_score(t, p, labels=[0, 1, 2], average="macro",
+                                                                     zero_division=0))
+    assert s["absent_classes"] == ["c"] and s["never_predicted"] == []
+    # zero_division=1: the 0/0 recall of the absent class becomes 1, its F1 stays 0 (2TP/(2TP+FP+FN)=0/1)
+    s1 = M.summarize(t, p, ["a", "b", "c"], n_boot=0, zero_division=1)
+    assert s1["per_class"]["c"]["recall"] == 1.0 and s1["per_class"]["c"]["f1"] == 0.0
+
+
+def test_confusion_matrix_orientation_rows_true_columns_predicted():
+    # three class-0 cells, two of them called class 1; one class-1 cell called class 1
+    cm = M.confusion_matrix([0, 0, 0, 1], [1, 1, 0, 1], 2)
+    assert cm.tolist() == [[1, 2], [0, 1]]          # the study's swapped call gives [[1, 0], [2, 1]]
+    assert cm.sum(axis=1).tolist() == [3, 1]        # row sums = supports
+
+
+def test_study_confusion_matrix_reproduces_thesis_table_6_4():
+    """The VGG16 N-pairs matrix printed in the study's notebook gives thesis Table 6.4's VGG16 block."""
+    pub = json.loads((Path(M.__file__).with_name("published.json")).read_text())
+    cm = np.array(pub["study_notebooks"]["confusion_matrices"][0]["confusion_matrix"])
+    t = np.repeat(np.repeat(np.arange(5), 5), cm.ravel())          # (true, pred) pairs, count times
+    p = np.repeat(np.tile(np.arange(5), 5), cm.ravel())
+    s = M.summarize(t, p, SIPAKMED, n_boot=0)
+    assert s["n"] == 812 and s["confusion_matrix"] == cm.tolist()
+    assert s["accuracy"] == pytest.approx(790 / 812)
+    assert round(100 * s["accuracy"], 2) == 97.29
+    table = pub["study_tables"]["contrastive"]["models"]["vgg16"]
+    for c in SIPAKMED:
+        for key in ("precision", "recall", "f1"):
+            if (c, key) == ("Koilocytotic", "precision"):
+                continue
+            assert round(s["per_class"][c][key], 2) == pytest.approx(table["per_class"][c][key]), (c, key)
+    # 14 of 15 cells match; Koilocytotic precision is 155/159 = 0.9748 ("0.97" in classification_report),
+    # printed 0.98 in the thesis (0.9748 -> 0.975 -> 0.98, rounded twice)
+    assert s["per_class"]["Koilocytotic"]["precision"] == pytest.approx(155 / 159)
+    assert table["per_class"]["Koilocytotic"]["precision"] == 0.98
+    assert round(s["macro_f1"], 4) == 0.9730  # study_code_findings.md §5
+    # Dyskeratotic + Koilocytotic abnormal: TP = 160+2+6+155 = 323 of 328; FP = 1+2+1+0+0+0 = 4 of 484
+    assert s["abnormal_classes"] == ["Dyskeratotic", "Koilocytotic"]
+    assert s["sensitivity"] == pytest.approx(323 / 328)
+    assert s["specificity"] == pytest.approx(480 / 484)
+
+
+# ------------------------------------------------------------------------------------------
+# abnormal mapping
+# ------------------------------------------------------------------------------------------
+def test_default_abnormal_classes():
+    assert M.default_abnormal_classes(SIPAKMED) == ["Dyskeratotic", "Koilocytotic"]
+    assert M.default_abnormal_classes(["im_Dyskeratotic", "im_Parabasal"]) == ["im_Dyskeratotic"]
+    herlev = ["carcinoma_in_situ", "light_dysplastic", "moderate_dysplastic", "normal_columnar",
+              "normal_intermediate", "normal_superficiel", "severe_dysplastic"]
+    assert M.default_abnormal_classes(herlev) == ["carcinoma_in_situ", "light_dysplastic",
+                                                  "moderate_dysplastic", "severe_dysplastic"]
+    assert M.default_abnormal_classes(["abnormal", "benign", "normal"]) == ["abnormal"]
+    assert M.default_abnormal_classes(["normal", "abnormal"]) == ["abnormal"]
+    assert M.default_abnormal_classes(["cat", "dog"]) is None
+
+
+def test_sensitivity_specificity_hand_case():
+    names = ["Dyskeratotic", "Koilocytotic", "Parabasal"]
+    # abnormal = {0, 1}: a Dyskeratotic called Koilocytotic still counts as a detected abnormal cell
+    t = [0, 0, 1, 1, 2, 2, 2, 2]
+    p = [1, 2, 1, 0, 2, 2, 0, 2]
+    r = M.sensitivity_specificity(t, p, names, ["Dyskeratotic", "Koilocytotic"])
+    assert (r["tp"], r["fn"], r["tn"], r["fp"]) == (3, 1, 3, 1)
+    assert r["sensitivity"] == pytest.approx(3 / 4) and r["specificity"] == pytest.approx(3 / 4)
+    assert M.summarize(t, p, names, abnormal=[], n_boot=0)["sensitivity"] is None
+    with pytest.raises(M.MetricsError, match="abnormal"):
+        M.sensitivity_specificity(t, p, names, ["Koilo"])
+
+
+# ------------------------------------------------------------------------------------------
+# calibration
+# ------------------------------------------------------------------------------------------
+def _two_class_probs(conf):
+    conf = np.asarray(conf, dtype=float)
+    return np.stack([conf, 1 - conf], axis=1)  # always predicts class 0 with confidence conf
+
+
+def test_ece_perfectly_calibrated_is_zero():
+    # 10 cells at confidence 0.8, 8 of them really class 0; 4 cells at 0.75, 3 correct
+    conf = [0.8] * 10 + [0.75] * 4
+    y = [0] * 8 + [1] * 2 + [0] * 3 + [1]
+    assert M.expected_calibration_error(y, _two_class_probs(conf)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_over_confident():
+    # always 0.9 confident, right 6 times out of 10: ECE = |0.6 - 0.9| = 0.3
+    y = [0] * 6 + [1] * 4
+    assert M.expected_calibration_error(y, _two_class_probs([0.9] * 10)) == pytest.approx(0.3)
+    # two bins: 4 cells at 0.95 (2 right) and 4 at 0.62 (2 right): 0.5*0.45 + 0.5*0.12 = 0.285
+    y = [0, 0, 1, 1, 0, 0, 1, 1]
+    prob = _two_class_probs([0.95] * 4 + [0.62] * 4)
+    assert M.expected_calibration_error(y, prob) == pytest.approx(0.285)
+    rd = M.reliability_data(y, prob)
+    assert len(rd["count"]) == 15 and sum(rd["count"]) == 8
+    assert rd["count"][14] == 4 and rd["count"][9] == 4     # 0.95 in (14/15, 1], 0.62 in (0.6, 0.667]
+    assert rd["accuracy"][14] == 0.5 and rd["confidence"][14] == pytest.approx(0.95)
+    assert rd["accuracy"][0] is None
+
+
+def test_ece_matches_plain_loop_reference():
+    t, _, prob = _random_case(5, 4, n=300)
+    conf, pred = prob.max(1), prob.argmax(1)
+    ece = 0.0
+    for m in range(15):
+        lo, hi = m / 15, (m + 1) / 15
+        inb = (conf > lo) & (conf <= hi)
+        if inb.any():
+            ece += inb.mean() * abs((pred[inb] == t[inb]).mean() - conf[inb].mean())
+    assert M.expected_calibration_error(t, prob, n_bins=15) == pytest.approx(ece, abs=1e-12)
+
+
+def test_roc_auc_with_a_class_absent_from_y_true():
+    t = np.array([0, 0, 1, 1])
+    prob = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.3, 0.6, 0.1], [0.7, 0.2, 0.1]])
+    r = M.roc_auc_ovr(t, prob)
+    # class 0 vs rest: positives (0.8, 0.6) beat negatives (0.3, 0.7) in 3 of 4 pairs; class 1 likewise
+    assert r["per_class"][0] == pytest.approx(0.75)
+    assert r["per_class"][1] == pytest.approx(0.75)
+    assert r["per_class"][2] is None
+    assert r["macro"] == pytest.approx(0.75)
+
+
+def test_brier_known_values():
+    assert M.brier_score([0, 1, 2], np.eye(3)) == 0.0
+    assert M.brier_score([0, 1, 2, 3], np.full((4, 4), 0.25)) == pytest.approx(3 / 4)  # (K-1)/K
+
+
+# ------------------------------------------------------------------------------------------
+# bootstrap
+# ------------------------------------------------------------------------------------------
+def test_bootstrap_contains_estimate_and_is_seeded():
+    t, p, _ = _random_case(7, 5, n=400)
+    a = M.bootstrap_ci(t, p, "accuracy", n=500, seed=3)
+    assert a["estimate"] == pytest.approx(np.mean(t == p))
+    assert a["low"] <= a["estimate"] <= a["high"] and a["low"] < a["high"]
+    assert M.bootstrap_ci(t, p, "accuracy", n=500, seed=3) == a
+    assert M.bootstrap_ci(t, p, "accuracy", n=500, seed=4) != a
+    f = M.bootstrap_ci(t, p, "macro_f1", n=500, seed=3)
+    assert f["low"] <= f["estimate"] <= f["high"]
+    assert f["estimate"] == pytest.approx(skm.f1_score(t, p, average="macro"))
+
+
+def test_bootstrap_vectorised_equals_sklearn_callable():
+    t, p, _ = _random_case(8, 4, n=150)
+    labels = [0, 1, 2, 3]
+    refs = {
+        "macro_f1": lambda a, b: skm.f1_score(a, b, labels=labels, average="macro", zero_division=0),
+        "weighted_f1": lambda a, b: skm.f1_score(a, b, labels=labels, average="weighted", zero_division=0),
+        "accuracy": skm.accuracy_score,
+        "kappa": lambda a, b: skm.cohen_kappa_score(a, b, labels=labels),
+        "balanced_accuracy": skm.balanced_accuracy_score,
+    }
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, fn in refs.items():
+            v = M.bootstrap_ci(t, p, name, n=60, seed=11, num_classes=4)
+            r = M.bootstrap_ci(t, p, fn, n=60, seed=11, num_classes=4)
+            assert v["low"] == pytest.approx(r["low"], abs=1e-12), name
+            assert v["high"] == pytest.approx(r["high"], abs=1e-12), name
+            assert v["estimate"] == pytest.approx(r["estimate"], abs=1e-12), name
+
+
+def test_bootstrap_degenerate_and_errors():
+    r = M.bootstrap_ci([0, 1, 2, 1], [0, 1, 2, 1], "accuracy", n=50)
+    assert (r["low"], r["estimate"], r["high"]) == (1.0, 1.0, 1.0)
+    with pytest.raises(M.MetricsError, match="unknown metric"):
+        M.bootstrap_ci([0, 1], [0, 1], "auc")
+    with pytest.raises(M.MetricsError, match="alpha"):
+        M.bootstrap_ci([0, 1], [0, 1], "accuracy", alpha=1.5)
+
+
+def test_summary_has_ci_and_is_json_ready():
+    t, p, prob = _random_case(9, 5, n=120)
+    s = M.summarize(t, p, SIPAKMED, y_prob=prob, n_boot=200, seed=1)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "weighted_precision",
+                "weighted_recall", "kappa", "confusion_matrix", "per_class", "roc_auc", "log_loss",
+                "ece", "reliability", "sensitivity", "specificity", "ci"):
+        assert key in s
+    assert s["ci"]["accuracy"]["low"] <= s["accuracy"] <= s["ci"]["accuracy"]["high"]
+    json.dumps(s, allow_nan=False)
+
+
+@pytest.mark.parametrize("args,match", [
+    (([0, 1], [0], ["a", "b"]), "differ in length"),
+    (([0, 3], [0, 1], ["a", "b"]), "labels must lie"),
+    (([], [], ["a", "b"]), "empty"),
+    (([0, 1], [0, 1], ["a"]), "at least 2"),
+])
+def test_bad_input_one_line_errors(args, match):
+    with pytest.raises(M.MetricsError, match=match) as e:
+        M.summarize(*args, n_boot=0)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_probabilities():
+    with pytest.raises(M.MetricsError, match="softmax"):
+        M.summarize([0, 1], [0, 1], ["a", "b"], y_prob=[[2.0, 3.0], [1.0, 0.0]], n_boot=0)
+    with pytest.raises(M.MetricsError, match="shape"):
+        M.summarize([0, 1], [0, 1], ["a", "b"], y_prob=[[1.0, 0.0]], n_boot=0)
