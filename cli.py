@@ -100,12 +100,96 @@ def run_prepare(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="prepared dataset folder")
+    # Literal choices keep `--help` free of TensorFlow; tests check them against the library.
+    models = ("tiny", "vgg16", "vgg19", "resnet50", "mobilenetv2", "densenet169")
+    regimes = ("finetune", "cost-sensitive", "contrastive", "baseline")
+    p.add_argument("--data", required=True, help="prepared dataset folder (cli.py prepare)")
     p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--model", choices=models, default=None,
+                   help="backbone, or tiny (a small CPU CNN); required unless --init names a run")
+    p.add_argument("--regime", choices=regimes, default="finetune",
+                   help="finetune | cost-sensitive (class weights / cost matrix) | contrastive "
+                        "(two phases) | baseline (the contrastive classifier end to end) "
+                        "(default: %(default)s)")
+    p.add_argument("--variant", choices=["standard", "thesis"], default="standard",
+                   help="thesis: the study's tap layers, raw 0-255 input; standard: full backbone "
+                        "with its own preprocess_input (default: %(default)s)")
+    p.add_argument("--weights", default=None,
+                   help="imagenet | none | PATH to the backbone's no-top .h5 (default: imagenet; "
+                        "none for tiny and the thesis contrastive/baseline encoders)")
+    p.add_argument("--freeze", choices=["auto", "study", "none"], default="auto",
+                   help="freeze the study's first 13/17/86/100/249 backbone layers; auto: only "
+                        "with pretrained weights (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=50,
+                   help="maximum classifier epochs (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per device per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 1e-3 finetune/cost-sensitive, 1e-4 "
+                        "contrastive/baseline)")
+    p.add_argument("--patience", type=int, default=3,
+                   help="early-stopping patience on --monitor, 0 = off (default: %(default)s)")
+    p.add_argument("--lr-patience", type=int, default=2,
+                   help="epochs without improvement before the LR is reduced, 0 = off "
+                        "(default: %(default)s)")
+    p.add_argument("--lr-factor", type=float, default=0.2, help="LR reduction factor "
+                   "(default: %(default)s)")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="LR floor (default: %(default)s)")
+    p.add_argument("--monitor", choices=["val_loss", "val_accuracy"], default="val_loss",
+                   help="validation quantity for early stopping, LR schedule and best-epoch "
+                        "selection (default: %(default)s)")
+    p.add_argument("--class-weights", default=None, metavar="train|thesis|none|FILE.json",
+                   help="cost-sensitive: train-label balanced weights (default), the study's "
+                        "constants, none, or a JSON {class: weight}")
+    p.add_argument("--cost-matrix", default=None, metavar="FILE",
+                   help="cost-sensitive: KxK costs (JSON or CSV; rows true, columns predicted): "
+                        "train on the expected cost")
+    p.add_argument("--init", default=None, metavar="RUN",
+                   help="start from RUN/model.keras (e.g. cost-sensitive after finetune, as the "
+                        "study did)")
+    p.add_argument("--loss", choices=["npairs", "supcon", "triplet"], default=None,
+                   help="contrastive loss (default: supcon; npairs is the study's)")
+    p.add_argument("--temperature", type=float, default=0.05,
+                   help="contrastive temperature (default: %(default)s)")
+    p.add_argument("--margin", type=float, default=0.2, help="triplet margin (default: %(default)s)")
+    p.add_argument("--mining", choices=["semi_hard", "batch_hard", "batch_all"],
+                   default="semi_hard", help="triplet mining (default: %(default)s)")
+    p.add_argument("--contrastive-epochs", type=int, default=50,
+                   help="phase-1 epochs (default: %(default)s)")
+    p.add_argument("--contrastive-lr", type=float, default=1e-4,
+                   help="phase-1 learning rate (default: %(default)s)")
+    p.add_argument("--projection-dim", type=int, default=128,
+                   help="projection head width (default: %(default)s)")
+    p.add_argument("--online-augment", action="store_true",
+                   help="random flips, transposes, crops and brightness/contrast per batch")
+    p.add_argument("--seed", type=int, default=42, help="run seed (default: %(default)s)")
+    p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
+                   help="allow non-deterministic TensorFlow ops (faster on some GPUs)")
+    p.add_argument("--strategy", choices=["auto", "default", "mirrored", "multiworker"],
+                   default="auto",
+                   help="tf.distribute: mirrored = all local GPUs, multiworker = hosts in "
+                        "TF_CONFIG; auto = mirrored with 2+ GPUs (default: %(default)s)")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="float16 compute on GPUs (bfloat16 on CPU), float32 variables")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last completed epoch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to "
+                   "OUT/tensorboard")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress output")
 
 
 def run_train(args) -> int:
-    raise NotImplementedError("train: not implemented yet")
+    import dataclasses
+
+    from cervical import train   # imports TensorFlow
+
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields}
+    options["verbose"] = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
+    summary = train.train(train.TrainConfig(**options))
+    print(train.format_summary(summary))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,19 +198,45 @@ def run_train(args) -> int:
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (with model.keras)")
+    p.add_argument("--data", default=None,
+                   help="another prepared dataset with the same class names (external validation) "
+                        "(default: the run's own dataset)")
+    p.add_argument("--split", choices=["test", "val", "train", "all"], default="test",
+                   help="split to evaluate; augmented copies are left out (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: RUN/eval/SPLIT, or RUN/eval/external-NAME-SPLIT with --data)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--n-boot", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals; 0 disables (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
 
 
 def run_eval(args) -> int:
-    raise NotImplementedError("eval: not implemented yet")
+    from cervical import report
+
+    summary = report.evaluate_run(args.run, data_dir=args.data, split=args.split, out_dir=args.out,
+                                  progress=_progress("eval"), batch_size=args.batch_size,
+                                  n_boot=args.n_boot, seed=args.seed)
+    print(report.format_eval(summary))
+    return 0
 
 
 def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", nargs="+", required=True, help="run folders")
     p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--split", choices=["test", "val", "train", "all"], default="test",
+                   help="which evaluation to report (default: %(default)s)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="fail on runs without RUN/eval/SPLIT/metrics.json instead of evaluating them")
 
 
 def run_report(args) -> int:
-    raise NotImplementedError("report: not implemented yet")
+    from cervical import report
+
+    path = report.build_report(args.runs, args.out, split=args.split, evaluate_missing=not args.no_eval,
+                               progress=_progress("report"))
+    print(f"report written to {path}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,11 +244,64 @@ def run_report(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def add_explain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run folder (with model.keras)")
+    p.add_argument("--run", required=True, help="run folder (with model.keras and config.json)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="split whose cells are explained (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
+                   help="gradcam gradcam++ layercam scorecam faster-scorecam lime, or all; space- or "
+                        "comma-separated (default: all)")
+    p.add_argument("--per-class", type=int, default=1,
+                   help="most confident correct and wrong cells shown per class (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: RUN/explain/SPLIT, RUN/explain/images with --images)")
+    p.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                   help="explain these image files with the run's model instead of a split")
+    p.add_argument("--layer", default=None,
+                   help="CAM target layer (default: config.json's feature_layer, else the last 4-D "
+                        "feature map)")
+    p.add_argument("--data", default=None,
+                   help="prepared dataset folder (default: config.json's data_dir)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="also measure deletion/insertion AUC, nucleus/cell energy share and pointing "
+                        "game, time per cell and the randomisation sanity check")
+    p.add_argument("--n-eval", type=int, default=50,
+                   help="cells in the --evaluate metrics (default: %(default)s)")
+    p.add_argument("--n-sanity", type=int, default=5,
+                   help="cells in the randomisation sanity check; 0 skips it (default: %(default)s)")
+    p.add_argument("--sanity-blocks", type=int, default=5,
+                   help="cascading randomisation steps, output to input (default: %(default)s)")
+    p.add_argument("--lime-samples", type=int, default=1000,
+                   help="LIME perturbed images per cell (default: %(default)s)")
+    p.add_argument("--lime-segments", type=int, default=50,
+                   help="LIME SLIC superpixels (default: %(default)s)")
+    p.add_argument("--max-n", type=int, default=10,
+                   help="Faster-Score-CAM channels (default: %(default)s)")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="pointing-game tolerance in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of LIME, of the evaluated cells and of the randomisation (default: %(default)s)")
 
 
 def run_explain(args) -> int:
-    raise NotImplementedError("explain: not implemented yet")
+    from cervical import explain
+
+    result = explain.explain_run(
+        args.run, split=args.split, methods=args.methods, per_class=args.per_class, out_dir=args.out,
+        evaluate=args.evaluate, n_eval=args.n_eval, images=args.images, layer=args.layer,
+        seed=args.seed, progress=_progress("explain"), data_dir=args.data,
+        lime_samples=args.lime_samples, lime_segments=args.lime_segments, max_n=args.max_n,
+        n_sanity=args.n_sanity, sanity_blocks=args.sanity_blocks, tolerance=args.tolerance)
+    shown = sum(1 for c in result["cells"] if c["index"] >= 0)
+    print(f"explained {shown} cells (CAM layer {result['layer']}); files in {result['out_dir']}")
+    for cell in result["cells"]:
+        if cell.get("note"):
+            print(f"  note: {cell['note']}")
+    if result["metrics"] is not None:
+        from pathlib import Path
+
+        print()
+        print((Path(result["out_dir"]) / "xai_metrics.md").read_text().rstrip())
+    return 0
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:

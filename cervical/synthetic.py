@@ -1,0 +1,903 @@
+"""Synthetic SIPaKMeD-like Pap-smear cells, written in the official SIPaKMeD layout.
+
+The embedded default dataset: it lets the whole study (prepare, train, explain, report) run offline
+and in CI, and it exercises the same reader as the real data. The output is the official nested
+layout, contours included::
+
+    out_dir/im_<Class>/im_<Class>/CROPPED/NNN_MM.bmp       24-bit RGB crop of one cell
+    out_dir/im_<Class>/im_<Class>/CROPPED/NNN_MM_nuc.dat   nucleus contour, an "x,y" line per vertex
+    out_dir/im_<Class>/im_<Class>/CROPPED/NNN_MM_cyt.dat   cell (cytoplasm) contour, same format
+    out_dir/synthetic.json                                 generator parameters and counts
+
+``NNN`` is the "cluster image" (the slide field a cell was cropped from, SIPaKMeD's 966 full images)
+and ``MM`` the cell within it. Contours are in the crop's pixel coordinates (x = column, y = row,
+pixel centres at integers), as in the real files.
+
+What the classes look like (Plissiti et al., SIPaKMeD, ICIP 2018; thesis ch. 4, Figs 4.1-4.5):
+
+==========================  ===========================================================  ========
+class                       cues drawn                                                    N/C area
+==========================  ===========================================================  ========
+Superficial-Intermediate    large flat polygonal pale pink/blue cytoplasm; small dark      ~0.01
+                            pyknotic (or small vesicular) nucleus
+Parabasal                   small round cell, blue-green cytoplasm, large round nucleus    ~0.20
+                            with fine chromatin and a nuclear rim
+Koilocytotic                polygonal mature cell, a clear perinuclear halo with a         ~0.05
+                            condensed rim; enlarged, wrinkled, hyperchromatic nucleus,
+                            often binucleate
+Dyskeratotic                small dense orange(ophilic) cell, dark dense nucleus,          ~0.07
+                            sometimes a clump of several cells
+Metaplastic                 round dense (darker) cytoplasm, sometimes with processes,      ~0.09
+                            moderate nucleus
+==========================  ===========================================================  ========
+
+The class evidence lies where the masks say: nucleus size, shape, darkness and chromatin texture,
+the halo, and cytoplasm shape and density. Colour is deliberately a weak cue: every cluster image
+gets its own stain (absorption spectra, strengths, eosin/light-green balance), illumination tint,
+brightness, background haze, noise and blur, large enough that a colour statistic alone is
+ambiguous. Cells of one cluster share that stain, the magnification (crop scale) and a slide-level
+nucleus size factor (+-7 %), so a cell-level split leaks cluster identity and a grouped split does
+not (study_code_findings.md section 1).
+
+Image formation follows Beer-Lambert absorption, as in colour deconvolution (Ruifrok & Johnston,
+Anal. Quant. Cytol. Histol. 23, 2001)::
+
+    I(x) = I0(x) * exp(-sum_k D_k(x) * a_k)
+
+with ``I0`` the (tinted, slightly uneven) illumination, ``D_k`` the density map of stain ``k`` and
+``a_k`` its RGB optical-density vector (hematoxylin, eosin, light green, orange G of the Pap stain).
+
+Determinism: the stain of cluster ``NNN`` is drawn from ``default_rng([seed, 1, class_index, NNN])``
+and cell ``NNN_MM`` from ``default_rng([seed, 2, class_index, NNN, MM])`` (the tags 1, 2 keep the
+two streams apart: SeedSequence treats trailing zeros as absent), so a file depends only on
+(seed, class, NNN, MM), never on the other classes or on generation order; same seed, same bytes
+(on the same platform and library versions).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+CLASSES = ("Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate")
+
+#: Cells per class in the real SIPaKMeD (4049 in all; study_code_findings.md section 1). Read-only.
+FULL_COUNTS = MappingProxyType({"Dyskeratotic": 813, "Koilocytotic": 825, "Metaplastic": 793,
+                                "Parabasal": 787, "Superficial-Intermediate": 831})
+
+#: Cluster images per class in the real SIPaKMeD (966 in all), counted from the study's file lists.
+FULL_CLUSTERS = MappingProxyType({"Dyskeratotic": 223, "Koilocytotic": 238, "Metaplastic": 271,
+                                  "Parabasal": 108, "Superficial-Intermediate": 126})
+
+GENERATOR_VERSION = 1
+N_ANGLES = 256                      # samples of each shape's radial function r(theta)
+_THETA = np.linspace(0.0, 2.0 * np.pi, N_ANGLES, endpoint=False)
+_THETA.flags.writeable = False
+
+# Pap-stain optical-density vectors (R, G, B), unit norm before per-cluster perturbation.
+# Hematoxylin and eosin from Ruifrok & Johnston (2001); light green SF absorbs red (-> blue-green),
+# orange G absorbs blue (-> orange).
+STAIN_NAMES = ("hematoxylin", "eosin", "light_green", "orange_g")
+_STAIN_OD = np.array([[0.650, 0.704, 0.286],
+                      [0.072, 0.990, 0.105],
+                      [0.850, 0.330, 0.410],
+                      [0.050, 0.450, 0.890]])
+_STAIN_OD.flags.writeable = False
+
+ProgressArg = Union[None, bool, Callable[[int, int], None]]
+
+
+class SyntheticError(ValueError):
+    """Bad argument to the synthetic generator; the message is one line naming it and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Class morphology (the knowledge the generator encodes)
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ClassSpec:
+    """Morphology of one class. Ranges are (low, high) of a uniform draw per cell.
+
+    Radii are equivalent-area radii, r_eq = sqrt(area / pi); ``nc_ratio`` is r_eq(nucleus) /
+    r_eq(cell), so the nucleus/cytoplasm area ratio is its square.
+    """
+
+    long_side: float                    # median crop long side in px (lognormal, sd 0.18)
+    cell_polygonal: bool                # flat polygonal cell (mature squamous) vs smooth round/oval
+    cell_axis: Tuple[float, float]      # minor/major axis ratio of the cell
+    cell_irregular: float               # harmonic (smooth) or vertex (polygonal) irregularity
+    p_processes: float                  # chance of 1-3 cytoplasmic processes ("spider" cells)
+    cyt_density: Tuple[float, float]    # cytoplasm optical density
+    cyt_mix: Tuple[float, float, float]  # Dirichlet alpha over (eosin, light green, orange G)
+    cyt_edge: float                     # density added at the cell rim (dense ectoplasm)
+    nc_ratio: Tuple[float, float]
+    nuc_axis: Tuple[float, float]
+    nuc_irregular: Tuple[float, float]  # harmonic amplitude of the nuclear outline (wrinkling)
+    nuc_density: Tuple[float, float]
+    nuc_texture: float                  # relative chromatin texture amplitude
+    nuc_grain: float                    # chromatin grain size (px, Gaussian sigma)
+    nuc_rim: float                      # nuclear-membrane darkening (vesicular nuclei)
+    p_pyknotic: float = 0.0             # chance of a small dense homogeneous (pyknotic) nucleus
+    p_binucleate: float = 0.0
+    halo: Optional[Tuple[float, float]] = None   # halo r_eq / nucleus r_eq (koilocytes)
+    p_clump: float = 0.0                # chance of 1-2 companion cells in the crop (clumps)
+
+
+CLASS_SPECS: Mapping[str, ClassSpec] = MappingProxyType({
+    "Superficial-Intermediate": ClassSpec(
+        long_side=138, cell_polygonal=True, cell_axis=(0.6, 1.0), cell_irregular=0.13,
+        p_processes=0.0, cyt_density=(0.14, 0.36), cyt_mix=(2.0, 2.2, 0.35), cyt_edge=0.08,
+        nc_ratio=(0.10, 0.15), nuc_axis=(0.75, 1.0), nuc_irregular=(0.0, 0.03),
+        nuc_density=(0.95, 1.35), nuc_texture=0.28, nuc_grain=0.8, nuc_rim=0.35,
+        p_pyknotic=0.5),
+    "Parabasal": ClassSpec(
+        long_side=80, cell_polygonal=False, cell_axis=(0.78, 1.0), cell_irregular=0.035,
+        p_processes=0.0, cyt_density=(0.28, 0.55), cyt_mix=(0.6, 3.0, 0.25), cyt_edge=0.12,
+        nc_ratio=(0.39, 0.50), nuc_axis=(0.78, 1.0), nuc_irregular=(0.0, 0.025),
+        nuc_density=(0.7, 1.05), nuc_texture=0.32, nuc_grain=0.8, nuc_rim=0.45),
+    "Koilocytotic": ClassSpec(
+        long_side=125, cell_polygonal=True, cell_axis=(0.6, 1.0), cell_irregular=0.15,
+        p_processes=0.0, cyt_density=(0.28, 0.58), cyt_mix=(1.6, 1.6, 0.6), cyt_edge=0.1,
+        nc_ratio=(0.17, 0.25), nuc_axis=(0.55, 0.9), nuc_irregular=(0.06, 0.12),
+        nuc_density=(1.3, 2.0), nuc_texture=0.35, nuc_grain=1.4, nuc_rim=0.1,
+        p_binucleate=0.35, halo=(1.9, 2.7)),
+    "Dyskeratotic": ClassSpec(
+        long_side=92, cell_polygonal=False, cell_axis=(0.55, 0.9), cell_irregular=0.08,
+        p_processes=0.0, cyt_density=(0.5, 0.9), cyt_mix=(1.1, 0.5, 2.4), cyt_edge=0.1,
+        nc_ratio=(0.24, 0.33), nuc_axis=(0.65, 0.95), nuc_irregular=(0.04, 0.08),
+        nuc_density=(1.6, 2.4), nuc_texture=0.1, nuc_grain=1.0, nuc_rim=0.05,
+        p_binucleate=0.08, p_clump=0.35),
+    "Metaplastic": ClassSpec(
+        long_side=100, cell_polygonal=False, cell_axis=(0.7, 1.0), cell_irregular=0.05,
+        p_processes=0.4, cyt_density=(0.45, 0.85), cyt_mix=(0.7, 3.0, 0.4), cyt_edge=0.3,
+        nc_ratio=(0.25, 0.34), nuc_axis=(0.75, 1.0), nuc_irregular=(0.01, 0.04),
+        nuc_density=(0.85, 1.25), nuc_texture=0.2, nuc_grain=1.0, nuc_rim=0.25),
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class Stain:
+    """Stain, imaging conditions and slide-level factors shared by all cells of one cluster image.
+
+    Attributes:
+        od: (4, 3) optical-density vectors of STAIN_NAMES (rows, unit norm).
+        nuclear_strength: multiplier on nuclear (hematoxylin) density.
+        cyto_strength: multiplier on cytoplasm densities.
+        mix_bias: (3,) log-weights added to each cell's (eosin, light green, orange G) mix.
+        white: (3,) illumination (background) RGB in 0..255.
+        haze_od: (3,) background haze optical density (mucus, uneven mounting).
+        texture: relative amplitude of the background haze texture.
+        texture_scale: its grain (Gaussian sigma, px).
+        gradient: (2,) relative illumination slope along x and y across a crop.
+        noise: sensor noise standard deviation (8-bit levels).
+        blur: optical blur (Gaussian sigma, px).
+        debris: expected number of debris specks per crop.
+        magnification: factor on the crop size (one field of view, one objective and camera).
+        nucleus_scale: factor on the nucleus/cell radius ratio (patient- or slide-level).
+    """
+
+    od: np.ndarray
+    nuclear_strength: float
+    cyto_strength: float
+    mix_bias: np.ndarray
+    white: np.ndarray
+    haze_od: np.ndarray
+    texture: float
+    texture_scale: float
+    gradient: np.ndarray
+    noise: float
+    blur: float
+    debris: float
+    magnification: float = 1.0
+    nucleus_scale: float = 1.0
+
+
+def sample_stain(rng: np.random.Generator) -> Stain:
+    """Draw the stain and imaging conditions of one cluster image.
+
+    The ranges are wide on purpose (strengths x0.6-1.5, hue of each stain perturbed, tinted and
+    dimmed illumination) so that the colour of a cell says little about its class.
+
+    Args:
+        rng: the cluster's generator.
+    Returns:
+        A Stain.
+    """
+    od = _STAIN_OD + rng.normal(0.0, 0.12, _STAIN_OD.shape)
+    od = np.clip(od, 0.02, None)
+    od /= np.linalg.norm(od, axis=1, keepdims=True)
+    brightness = rng.uniform(0.80, 1.0)
+    tint = 1.0 + rng.normal(0.0, 0.05, 3)
+    white = np.clip(250.0 * brightness * tint, 120.0, 255.0)
+    haze_dir = rng.dirichlet((1.0, 1.0, 1.0))
+    return Stain(od=od,
+                 nuclear_strength=float(rng.uniform(0.7, 1.3)),
+                 cyto_strength=float(rng.uniform(0.6, 1.5)),
+                 mix_bias=rng.normal(0.0, 0.7, 3),
+                 white=white,
+                 haze_od=haze_dir * rng.uniform(0.0, 0.12),
+                 texture=float(rng.uniform(0.1, 0.6)),
+                 texture_scale=float(rng.uniform(3.0, 9.0)),
+                 gradient=rng.normal(0.0, 0.04, 2),
+                 noise=float(rng.uniform(1.5, 6.0)),
+                 blur=float(rng.uniform(0.35, 1.1)),
+                 debris=float(rng.uniform(0.0, 1.5)),
+                 magnification=float(math.exp(rng.normal(0.0, 0.1))),
+                 nucleus_scale=float(rng.uniform(0.93, 1.07)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes: star-shaped outlines as radial functions r(theta) around a centre
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A star-shaped outline: centre (cx, cy) and radius r[j] at angle _THETA[j] (image axes)."""
+
+    cx: float
+    cy: float
+    r: np.ndarray
+
+    def vertices(self) -> np.ndarray:
+        """(N_ANGLES, 2) outline vertices (x, y)."""
+        return np.stack([self.cx + self.r * np.cos(_THETA), self.cy + self.r * np.sin(_THETA)], 1)
+
+    def transformed(self, scale: float, dx: float = 0.0, dy: float = 0.0) -> "Shape":
+        """Scale about the origin, then translate."""
+        return Shape(self.cx * scale + dx, self.cy * scale + dy, self.r * scale)
+
+    def signed_distance(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Radial signed distance r(theta(p)) - |p - c|: > 0 inside, 0 on the outline.
+
+        Args:
+            x, y: arrays of point coordinates (any matching shape).
+        Returns:
+            Array of the same shape (px along the ray from the centre).
+        """
+        dx, dy = x - self.cx, y - self.cy
+        pos = (np.arctan2(dy, dx) % (2.0 * np.pi)) * (N_ANGLES / (2.0 * np.pi))
+        i0 = np.floor(pos).astype(np.intp)
+        frac = pos - i0
+        i0 %= N_ANGLES
+        radius = self.r[i0] * (1.0 - frac) + self.r[(i0 + 1) % N_ANGLES] * frac
+        return radius - np.hypot(dx, dy)
+
+
+def _equal_area(r: np.ndarray) -> np.ndarray:
+    """Rescale a radial function to equivalent-area radius 1 (area = pi * mean(r^2))."""
+    return r / np.sqrt(np.mean(r ** 2))
+
+
+def ellipse_radii(axis_ratio: float, angle: float) -> np.ndarray:
+    """Radial function of an ellipse with semi-axes 1 and ``axis_ratio``, major axis at ``angle``.
+
+    r(theta) = q / sqrt(q^2 cos^2(theta - psi) + sin^2(theta - psi)).
+    """
+    t = _THETA - angle
+    q = axis_ratio
+    return q / np.sqrt((q * np.cos(t)) ** 2 + np.sin(t) ** 2)
+
+
+def smooth_radii(rng: np.random.Generator, axis_ratio: float, irregularity: float,
+                 max_harmonic: int = 6) -> np.ndarray:
+    """Smooth blob: an ellipse modulated by random harmonics, equal-area radius 1.
+
+    r(theta) = ellipse(theta) * (1 + sum_{k=2..K} a_k cos(k theta + phi_k)),
+    a_k ~ N(0, irregularity / k^0.7).
+    """
+    r = ellipse_radii(axis_ratio, rng.uniform(0.0, np.pi))
+    k = np.arange(2, max_harmonic + 1)
+    amp = rng.normal(0.0, 1.0, k.size) * irregularity / k ** 0.7
+    phase = rng.uniform(0.0, 2.0 * np.pi, k.size)
+    mod = 1.0 + (amp[:, None] * np.cos(k[:, None] * _THETA + phase[:, None])).sum(0)
+    return _equal_area(r * np.clip(mod, 0.55, None))
+
+
+def polygon_radii(rng: np.random.Generator, axis_ratio: float, irregularity: float) -> np.ndarray:
+    """Flat polygonal cell (5-8 corners), equal-area radius 1.
+
+    Corners on a jittered circle are stretched by (1, q) and rotated; along each ray the radius is
+    the distance to the edge it crosses: t = (P_k x P_k+1) / (u x (P_k+1 - P_k)).
+    """
+    n = int(rng.integers(5, 9))
+    ang = 2.0 * np.pi * (np.arange(n) + rng.uniform(-0.3, 0.3, n)) / n
+    rad = 1.0 + rng.uniform(-irregularity, irregularity, n)
+    psi = rng.uniform(0.0, np.pi)
+    px, py = rad * np.cos(ang), rad * np.sin(ang) * axis_ratio
+    cx, cy = px * np.cos(psi) - py * np.sin(psi), px * np.sin(psi) + py * np.cos(psi)
+    corner_angle = np.arctan2(cy, cx) % (2.0 * np.pi)
+    order = np.argsort(corner_angle)
+    corner_angle, cx, cy = corner_angle[order], cx[order], cy[order]
+    theta = np.where(_THETA < corner_angle[0], _THETA + 2.0 * np.pi, _THETA)
+    edges = np.append(corner_angle, corner_angle[0] + 2.0 * np.pi)
+    k = np.clip(np.searchsorted(edges, theta, side="right") - 1, 0, n - 1)
+    k1 = (k + 1) % n
+    ex, ey = cx[k1] - cx[k], cy[k1] - cy[k]
+    ux, uy = np.cos(_THETA), np.sin(_THETA)
+    r = (cx[k] * cy[k1] - cy[k] * cx[k1]) / (ux * ey - uy * ex)
+    return _equal_area(r)
+
+
+def add_processes(rng: np.random.Generator, r: np.ndarray, count: int) -> np.ndarray:
+    """Cytoplasmic processes: Gaussian bumps in angle, r *= 1 + h exp(-(dtheta / w)^2 / 2)."""
+    for _ in range(count):
+        centre = rng.uniform(0.0, 2.0 * np.pi)
+        height, width = rng.uniform(0.2, 0.5), rng.uniform(0.1, 0.22)
+        d = np.angle(np.exp(1j * (_THETA - centre)))
+        r = r * (1.0 + height * np.exp(-0.5 * (d / width) ** 2))
+    return _equal_area(r)
+
+
+def _min_clearance(outer: Shape, inner: Shape) -> float:
+    """Smallest signed distance of ``inner``'s outline inside ``outer`` (< 0: it sticks out)."""
+    v = inner.vertices()
+    return float(outer.signed_distance(v[:, 0], v[:, 1]).min())
+
+
+# ------------------------------------------------------------------------------------------------
+# One cell in unit coordinates (cell equal-area radius 1, cell centre at the origin)
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CellGeometry:
+    """Outlines of one cell: the cell, its nucleus lobes (1 or 2, their union is the nucleus),
+    an optional perinuclear halo, and the appearance numbers drawn for it."""
+
+    cell: Shape
+    nuclei: Tuple[Shape, ...]
+    halo: Optional[Shape]
+    cyt_density: float
+    cyt_mix: np.ndarray
+    cyt_edge: float
+    nuc_density: float
+    nuc_texture: float
+    nuc_grain: float
+    nuc_rim: float
+
+    def transformed(self, scale: float, dx: float, dy: float) -> "CellGeometry":
+        """Scale about the origin, then translate, every outline."""
+        return dataclasses.replace(
+            self, cell=self.cell.transformed(scale, dx, dy),
+            nuclei=tuple(n.transformed(scale, dx, dy) for n in self.nuclei),
+            halo=None if self.halo is None else self.halo.transformed(scale, dx, dy))
+
+
+def cell_geometry(spec: ClassSpec, rng: np.random.Generator, stain: Stain) -> CellGeometry:
+    """Draw one cell of class ``spec`` in unit coordinates (cell r_eq = 1, centred at 0).
+
+    The nucleus (and halo) are placed off-centre at random and pulled towards the centre, then
+    shrunk if needed, until they lie inside the cell with a margin.
+
+    Args:
+        spec: the class morphology.
+        rng: the cell's generator.
+        stain: the cluster's stain (sets the eosin / light green / orange G balance).
+    Returns:
+        A CellGeometry.
+    """
+    axis = rng.uniform(*spec.cell_axis)
+    if spec.cell_polygonal:
+        r_cell = polygon_radii(rng, axis, spec.cell_irregular)
+    else:
+        r_cell = smooth_radii(rng, axis, spec.cell_irregular, max_harmonic=5)
+    if rng.random() < spec.p_processes:
+        r_cell = add_processes(rng, r_cell, int(rng.integers(1, 4)))
+    cell = Shape(0.0, 0.0, r_cell)
+
+    pyknotic = rng.random() < spec.p_pyknotic
+    nc = rng.uniform(*spec.nc_ratio) * (rng.uniform(0.55, 0.75) if pyknotic else 1.0) \
+        * stain.nucleus_scale
+    binucleate = rng.random() < spec.p_binucleate
+    lobes_unit: List[Shape] = []
+    if binucleate:
+        # Two lobes of r_eq 0.8 nc, overlapping: their centres are 60-85 % of the sum of the radii
+        # facing each other apart (union about 1.1-1.2x the area of one nucleus of ratio nc).
+        r_lobe = nc * 0.8
+        radii = [smooth_radii(rng, rng.uniform(*spec.nuc_axis), rng.uniform(*spec.nuc_irregular), 8)
+                 * r_lobe for _ in range(2)]
+        j = int(rng.integers(N_ANGLES // 2))             # lobe 0 faces lobe 1 along _THETA[j]
+        sep = 0.5 * rng.uniform(0.6, 0.85) * (radii[0][j] + radii[1][j + N_ANGLES // 2])
+        ux, uy = np.cos(_THETA[j]), np.sin(_THETA[j])
+        lobes_unit = [Shape(-sep * ux, -sep * uy, radii[0]), Shape(sep * ux, sep * uy, radii[1])]
+    else:
+        irregular = 0.01 if pyknotic else rng.uniform(*spec.nuc_irregular)
+        r = smooth_radii(rng, rng.uniform(*spec.nuc_axis), irregular, 8)
+        lobes_unit.append(Shape(0.0, 0.0, r * nc))
+    halo_unit = None
+    if spec.halo is not None:
+        extent = max(float(np.max(np.hypot(lobe.cx, lobe.cy) + lobe.r)) for lobe in lobes_unit)
+        r_halo = smooth_radii(rng, rng.uniform(0.7, 1.0), 0.12, 6)
+        halo_unit = Shape(0.0, 0.0, r_halo * max(nc * rng.uniform(*spec.halo), extent * 1.3))
+
+    # Place: random offset, halved until everything fits; then shrink the halo, then all.
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    offset = rng.uniform(0.0, 0.35)
+    scale_inner, scale_halo = 1.0, 1.0
+    for _ in range(100):
+        ox, oy = offset * np.cos(angle), offset * np.sin(angle)
+        lobes = tuple(lobe.transformed(scale_inner, ox, oy) for lobe in lobes_unit)
+        halo = None if halo_unit is None else \
+            halo_unit.transformed(scale_inner * scale_halo, ox, oy)
+        fits = all(_min_clearance(cell, lobe) >= 0.08 for lobe in lobes)
+        fits = fits and (halo is None or _min_clearance(cell, halo) >= 0.05)
+        if fits:
+            break
+        if offset > 0.02:
+            offset *= 0.5
+        elif halo is not None and scale_halo > 0.7:
+            scale_halo *= 0.92
+        else:
+            scale_inner *= 0.92
+
+    mix = rng.dirichlet(spec.cyt_mix) * np.exp(stain.mix_bias)
+    nuc_density = rng.uniform(*spec.nuc_density)
+    texture, grain, rim = spec.nuc_texture, spec.nuc_grain, spec.nuc_rim
+    if pyknotic:
+        nuc_density, texture, grain, rim = rng.uniform(1.8, 2.6), 0.05, 1.0, 0.0
+    return CellGeometry(cell=cell, nuclei=lobes, halo=halo,
+                        cyt_density=float(rng.uniform(*spec.cyt_density)),
+                        cyt_mix=mix / mix.sum(), cyt_edge=spec.cyt_edge,
+                        nuc_density=float(nuc_density),
+                        nuc_texture=texture, nuc_grain=grain, nuc_rim=rim)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering
+# ------------------------------------------------------------------------------------------------
+
+def smooth_noise(rng: np.random.Generator, shape: Tuple[int, int], sigma: float) -> np.ndarray:
+    """Gaussian-filtered white noise, rescaled to zero mean and unit standard deviation."""
+    from skimage.filters import gaussian
+
+    field = gaussian(rng.standard_normal(shape), sigma=sigma, mode="reflect")
+    field -= field.mean()
+    return field / max(float(field.std()), 1e-12)
+
+
+def _soft(d: np.ndarray) -> np.ndarray:
+    """Anti-aliased coverage of a signed-distance map: 0 outside, 1 inside, a 1 px ramp."""
+    return np.clip(d + 0.5, 0.0, 1.0)
+
+
+def outline(d: np.ndarray) -> np.ndarray:
+    """The longest zero contour of a signed-distance map, as (P, 2) x, y vertices in the crop.
+
+    The map is padded with an outside value so that a shape cut by the crop edge still gives a
+    closed contour; vertices are then clipped to [0, w-1] x [0, h-1].
+
+    Args:
+        d: (h, w) signed distance, > 0 inside.
+    Returns:
+        (P, 2) float vertices (x = column, y = row), not repeating the first one at the end.
+    """
+    from skimage.measure import find_contours
+
+    h, w = d.shape
+    contours = find_contours(np.pad(d, 1, constant_values=-1.0), 0.0)
+    rc = max(contours, key=len)[:-1] - 1.0
+    return np.stack([np.clip(rc[:, 1], 0.0, w - 1.0), np.clip(rc[:, 0], 0.0, h - 1.0)], 1)
+
+
+def cell_density_maps(geom: CellGeometry, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
+                      ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stain density maps of one cell on the pixel grid (x, y).
+
+    cytoplasm = D_c * cover * (1 + edge e^{-d/3}) * (1 + 0.15 n_2.5), cleared inside the halo
+                (to 5-18 %) with a condensed rim e^{-|d_halo|/2};
+    nucleus   = D_n * cover_n * (1 + texture n_grain + rim e^{-d_n/1.2}),
+    with cover = the anti-aliased inside, d the distance to the outline, n_s unit smooth noise.
+
+    Args:
+        geom: the cell in pixel coordinates.
+        x, y: (h, w) pixel-centre coordinates.
+        rng: the cell's generator.
+    Returns:
+        (cytoplasm density, nucleus density, cell distance map, nucleus distance map).
+    """
+    d_cell = geom.cell.signed_distance(x, y)
+    d_nuc = np.max([lobe.signed_distance(x, y) for lobe in geom.nuclei], axis=0)
+    cover = _soft(d_cell)
+    cyt = cover * (1.0 + geom.cyt_edge * np.exp(-np.clip(d_cell, 0.0, None) / 3.0))
+    cyt *= 1.0 + 0.15 * smooth_noise(rng, x.shape, 2.5)
+    if geom.halo is not None:
+        d_halo = geom.halo.signed_distance(x, y)
+        clear = rng.uniform(0.05, 0.18)
+        cyt = cyt * (1.0 - (1.0 - clear) * _soft(d_halo)) \
+            + rng.uniform(0.5, 0.9) * np.exp(-np.abs(d_halo) / 2.0) * cover
+    nuc = _soft(d_nuc) * (1.0 + geom.nuc_texture * smooth_noise(rng, x.shape, geom.nuc_grain)
+                          + geom.nuc_rim * np.exp(-np.clip(d_nuc, 0.0, None) / 1.2))
+    return (geom.cyt_density * np.clip(cyt, 0.0, None), geom.nuc_density * np.clip(nuc, 0.0, None),
+            d_cell, d_nuc)
+
+
+def _crop_frame(shapes: Sequence[Shape], size: int, rng: np.random.Generator
+                ) -> Tuple[int, int, float, float, float]:
+    """Crop around the cell outlines as a person would: random margins, sometimes cutting the cell.
+
+    Returns:
+        (h, w, scale, dx, dy): pixel = unit * scale + (dx, dy).
+    """
+    v = np.concatenate([s.vertices() for s in shapes])
+    (xmin, ymin), (xmax, ymax) = v.min(0), v.max(0)
+    extent = max(xmax - xmin, ymax - ymin)
+    margin = rng.uniform(0.04, 0.18, 4) * extent          # left, right, top, bottom
+    if rng.random() < 0.1:
+        margin[rng.integers(4)] = -rng.uniform(0.0, 0.06) * extent
+    w0 = xmax - xmin + margin[0] + margin[1]
+    h0 = ymax - ymin + margin[2] + margin[3]
+    scale = size / max(w0, h0)
+    w, h = max(8, int(round(w0 * scale))), max(8, int(round(h0 * scale)))
+    return h, w, scale, (margin[0] - xmin) * scale, (margin[2] - ymin) * scale
+
+
+def render_cell(cls: str, rng: np.random.Generator, stain: Stain, size: int
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render one cell crop of class ``cls`` under a cluster's ``stain``.
+
+    Args:
+        cls: one of CLASSES.
+        rng: the cell's generator (everything random about the cell comes from it).
+        stain: the cluster image's stain and imaging conditions (sample_stain).
+        size: the crop's longer side in px (the shorter one follows the cell's shape).
+    Returns:
+        (rgb uint8 (h, w, 3), nucleus polygon (P, 2), cytoplasm polygon (Q, 2)); polygons are
+        x, y vertices in the crop's pixel coordinates (the cell outline includes any companion
+        cells of a dyskeratotic clump; the nucleus is the main cell's, lobes merged).
+    Raises:
+        SyntheticError: unknown class or size below 8 px.
+    """
+    if cls not in CLASS_SPECS:
+        raise SyntheticError(f"cls={cls!r}: unknown class; use one of {', '.join(CLASSES)}")
+    if size < 8:
+        raise SyntheticError(f"size={size}: crops need at least 8 px; raise size")
+    spec = CLASS_SPECS[cls]
+    cells = [cell_geometry(spec, rng, stain)]
+    if rng.random() < spec.p_clump:
+        for _ in range(int(rng.integers(1, 3))):
+            s = rng.uniform(0.6, 0.95)
+            phi, dist = rng.uniform(0.0, 2.0 * np.pi), (1.0 + s) * rng.uniform(0.5, 0.75)
+            cells.append(cell_geometry(spec, rng, stain).transformed(
+                s, dist * np.cos(phi), dist * np.sin(phi)))
+    h, w, scale, dx, dy = _crop_frame([c.cell for c in cells], size, rng)
+    cells = [c.transformed(scale, dx, dy) for c in cells]
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+
+    nuc_strength = stain.nuclear_strength * (1.0 + rng.normal(0.0, 0.05))
+    cyt_strength = stain.cyto_strength * (1.0 + rng.normal(0.0, 0.05))
+    od = np.zeros((h, w, 3))
+    d_cells = []
+    for i, geom in enumerate(cells):
+        cyt, nuc, d_cell, d_nuc = cell_density_maps(geom, x, y, rng)
+        od += cyt[..., None] * (cyt_strength * geom.cyt_mix @ stain.od[1:])
+        od += nuc[..., None] * (nuc_strength * stain.od[0])
+        d_cells.append(d_cell)
+        if i == 0:
+            d_main_nucleus = d_nuc
+
+    # Neighbouring cells cut by the crop edge (pale, no nucleus in view) and debris specks.
+    for _ in range(min(int(rng.poisson(0.7)), 2)):
+        r_eq = scale * rng.uniform(0.5, 1.0)
+        side, t = int(rng.integers(4)), rng.uniform(0.0, 1.0)
+        out = r_eq * rng.uniform(0.3, 0.9)
+        cx, cy = [(-out, t * h), (w - 1 + out, t * h), (t * w, -out), (t * w, h - 1 + out)][side]
+        frag = Shape(cx, cy, r_eq * smooth_radii(rng, rng.uniform(0.6, 1.0), 0.06))
+        mix = rng.dirichlet((1.0, 1.0, 1.0)) * np.exp(stain.mix_bias)
+        od += (_soft(frag.signed_distance(x, y)) * rng.uniform(0.1, 0.4))[..., None] \
+            * (cyt_strength * (mix / mix.sum()) @ stain.od[1:])
+    for _ in range(int(rng.poisson(stain.debris))):
+        px, py, rad = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.7, 2.0)
+        speck = _soft(rad - np.hypot(x - px, y - py)) * rng.uniform(0.4, 1.2)
+        od += speck[..., None] * stain.od[int(rng.integers(4))]
+
+    haze = np.clip(1.0 + stain.texture * smooth_noise(rng, (h, w), stain.texture_scale), 0.0, None)
+    od += haze[..., None] * stain.haze_od
+    white = stain.white * (1.0 + rng.normal(0.0, 0.015))
+    light = 1.0 + (stain.gradient[0] * (x - w / 2.0) + stain.gradient[1] * (y - h / 2.0)) / size
+    img = light[..., None] * white * np.exp(-od)
+
+    from skimage.filters import gaussian
+
+    img = gaussian(img, sigma=stain.blur, mode="nearest", channel_axis=-1, preserve_range=True)
+    img += rng.normal(0.0, stain.noise, img.shape)
+    rgb = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return rgb, outline(d_main_nucleus), outline(np.max(d_cells, axis=0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset layout
+# ------------------------------------------------------------------------------------------------
+
+def cluster_sizes(n_cells: int, n_clusters: int, rng: np.random.Generator,
+                  max_per_cluster: Optional[int] = None) -> np.ndarray:
+    """Split ``n_cells`` into ``n_clusters`` cluster images of 1..max_per_cluster cells each.
+
+    Every cluster gets one cell; the rest are dealt multinomially with exponential weights (many
+    small clusters, a few large ones, as in SIPaKMeD), overflow above the cap dealt again.
+
+    Args:
+        n_cells: cells of the class.
+        n_clusters: cluster images of the class.
+        rng: generator.
+        max_per_cluster: cap; default max(8, ceil(2 * n_cells / n_clusters)).
+    Returns:
+        (n_clusters,) int array summing to n_cells.
+    Raises:
+        SyntheticError: the counts cannot be met (n_clusters < 1, > n_cells, or below n / cap).
+    """
+    if n_clusters < 1 or n_clusters > n_cells:
+        raise SyntheticError(f"clusters_per_class={n_clusters}: need 1 <= clusters <= cells "
+                             f"({n_cells}); lower clusters_per_class or raise per_class")
+    if max_per_cluster is not None and max_per_cluster < 1:
+        raise SyntheticError(f"max_per_cluster={max_per_cluster}: must be 1 or more")
+    cap = max_per_cluster or max(8, math.ceil(2 * n_cells / n_clusters))
+    if n_cells > cap * n_clusters:
+        raise SyntheticError(f"clusters_per_class={n_clusters}: {n_cells} cells need at least "
+                             f"{math.ceil(n_cells / cap)} clusters of <= {cap}; raise it")
+    weights = rng.exponential(1.0, n_clusters) + 1e-6
+    sizes = np.ones(n_clusters, dtype=np.int64)
+    rest = n_cells - n_clusters
+    while rest > 0:
+        room = cap - sizes
+        p = weights * (room > 0)
+        sizes += rng.multinomial(rest, p / p.sum())
+        rest = int(np.clip(sizes - cap, 0, None).sum())
+        sizes = np.minimum(sizes, cap)
+    return sizes
+
+
+def _per_class(value, name: str, missing: Optional[int] = 0) -> Dict[str, Optional[int]]:
+    """An int for every class, or a {class: int} dict (absent classes get ``missing``)."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(CLASSES))
+        if unknown:
+            raise SyntheticError(f"{name}: unknown class {unknown[0]!r}; use {', '.join(CLASSES)}")
+        out = {c: value.get(c, missing) for c in CLASSES}
+    else:
+        out = {c: value for c in CLASSES}
+    for c, n in out.items():
+        if n is None and missing is None:
+            continue
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise SyntheticError(f"{name}: {c} = {n!r}; give a whole number >= 0")
+    return {c: None if n is None else int(n) for c, n in out.items()}
+
+
+def default_clusters(n_cells: int, cls: str) -> int:
+    """Cluster images for ``n_cells`` cells: the real SIPaKMeD cells-per-cluster of the class.
+
+    k = round(n * FULL_CLUSTERS[cls] / FULL_COUNTS[cls]) clipped to [min(n, 3), n]: 4049 cells ->
+    966 clusters overall (4.2 per cluster), exactly FULL_CLUSTERS for FULL_COUNTS; at least 3
+    clusters whenever possible, so a grouped train/val/test split can hold every class.
+    """
+    k = round(n_cells * FULL_CLUSTERS[cls] / FULL_COUNTS[cls])
+    return int(min(max(min(n_cells, 3), k), n_cells))
+
+
+def plan_layout(per_class: Union[int, Mapping[str, int]] = 60,
+                clusters_per_class: Union[None, int, Mapping[str, int]] = None, seed: int = 0,
+                stems: Optional[Mapping[str, Sequence[str]]] = None
+                ) -> Dict[str, List[Tuple[int, int]]]:
+    """Which cells to generate: {class: [(NNN, MM), ...]} in file-name order.
+
+    Args:
+        per_class: cells per class, an int or {class: n} (FULL_COUNTS for the real sizes).
+        clusters_per_class: cluster images per class, an int or {class: k} (absent classes and
+            None -> default_clusters).
+        seed: base seed (the allocation of cells to clusters depends on seed, class, n, k).
+        stems: exact ``NNN_MM`` stems per class (e.g. stems_from_csv of the study's split);
+            overrides per_class and clusters_per_class.
+    Returns:
+        {class: [(cluster, cell), ...]} for classes with at least one cell.
+    Raises:
+        SyntheticError: bad counts or stems.
+    """
+    if stems is not None:
+        pairs = _per_class_stems(stems)
+        layout = {c: pairs[c] for c in CLASSES if c in pairs}
+        if not layout:
+            raise SyntheticError("stems: no cells listed; give at least one 'NNN_MM' stem")
+        return layout
+    counts = _per_class(per_class, "per_class")
+    if sum(counts.values()) == 0:
+        raise SyntheticError("per_class: no cells requested; give at least 1 cell")
+    given = {} if clusters_per_class is None else \
+        _per_class(clusters_per_class, "clusters_per_class", missing=None)
+    clusters = {c: given[c] if given.get(c) is not None else default_clusters(n, c) if n else 0
+                for c, n in counts.items()}
+    layout = {}
+    for ci, cls in enumerate(CLASSES):
+        n, k = counts[cls], clusters[cls]
+        if n == 0:
+            continue
+        sizes = cluster_sizes(n, k, np.random.default_rng([seed, 3, ci, n, k]))
+        layout[cls] = [(i + 1, j + 1) for i, m in enumerate(sizes) for j in range(int(m))]
+    return layout
+
+
+def _per_class_stems(stems: Mapping[str, Sequence[str]]) -> Dict[str, List[Tuple[int, int]]]:
+    out = {}
+    for cls, names in stems.items():
+        if cls not in CLASSES:
+            raise SyntheticError(f"stems: unknown class {cls!r}; use {', '.join(CLASSES)}")
+        pairs = set()
+        for name in names:
+            parts = str(name).split("_")
+            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise SyntheticError(f"stems: {cls}/{name!r} is not 'NNN_MM' with NNN, MM >= 1")
+            pairs.add((int(parts[0]), int(parts[1])))
+        if pairs:
+            out[cls] = sorted(pairs)
+    return out
+
+
+def stems_from_csv(path: os.PathLike) -> Dict[str, List[str]]:
+    """Read {class: [stem, ...]} from a CSV with ``class`` and ``stem`` columns (others ignored),
+    e.g. data/splits/thesis_split.csv, so the synthetic set has the real SIPaKMeD file names.
+
+    Raises:
+        SyntheticError: the file is unreadable or lacks the columns.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SyntheticError(f"{path}: cannot read stems CSV ({type(exc).__name__}); "
+                             f"give a CSV with class and stem columns") from None
+    if not rows or not {"class", "stem"} <= set(rows[0]):
+        raise SyntheticError(f"{path}: needs 'class' and 'stem' columns; fix the CSV header")
+    out: Dict[str, List[str]] = {}
+    for row in rows:
+        out.setdefault(row["class"], []).append(row["stem"])
+    return out
+
+
+def format_dat(polygon: np.ndarray) -> str:
+    """Contour file text: one ``x,y`` line per vertex, two decimals (as SIPaKMeD's .dat files)."""
+    return "".join(f"{x:.2f},{y:.2f}\n" for x, y in np.asarray(polygon, dtype=np.float64))
+
+
+def _write_bmp(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(path, format="BMP")
+
+
+def crop_size(cls: str, rng: np.random.Generator, size_range: Tuple[int, int],
+              magnification: float = 1.0) -> int:
+    """Longer crop side: lognormal around the class median times the cluster's magnification
+    (sd 0.18 in log), rounded and clipped to ``size_range``."""
+    median = CLASS_SPECS[cls].long_side * magnification
+    return int(np.clip(round(median * math.exp(rng.normal(0.0, 0.18))), *size_range))
+
+
+def _progress_reporter(progress: ProgressArg) -> Optional[Callable[[int, int], None]]:
+    if progress is None or progress is False:
+        return None
+    if callable(progress):
+        return progress
+
+    def report(done: int, total: int) -> None:
+        sys.stderr.write(f"\rsynthetic: {done}/{total} cells")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return report
+
+
+def _check_args(seed, size_range) -> Tuple[int, int]:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise SyntheticError(f"seed={seed!r}: give a whole number >= 0")
+    try:
+        lo, hi = (int(v) for v in size_range)
+    except (TypeError, ValueError):
+        raise SyntheticError(f"size_range={size_range!r}: give (min, max) in px, e.g. (60, 160)") \
+            from None
+    if not 8 <= lo <= hi:
+        raise SyntheticError(f"size_range={size_range!r}: need 8 <= min <= max; e.g. (60, 160)")
+    return lo, hi
+
+
+def generate(out_dir: os.PathLike, per_class: Union[int, Mapping[str, int]] = 60,
+             clusters_per_class: Union[None, int, Mapping[str, int]] = None, seed: int = 0,
+             size_range: Tuple[int, int] = (60, 160), progress: ProgressArg = None,
+             overwrite: bool = False, stems: Optional[Mapping[str, Sequence[str]]] = None) -> dict:
+    """Write a synthetic SIPaKMeD-like dataset in the official nested layout.
+
+    Everything is written to a staging folder beside ``out_dir`` and renamed into place at the end,
+    so an interrupted run leaves nothing half-written. Same arguments -> byte-identical files, and a
+    file depends only on (seed, class, NNN, MM): asking for more cells or classes later does not
+    change the stain or pixels of a given ``NNN_MM`` (the allocation of cells to clusters does
+    depend on the counts).
+
+    Args:
+        out_dir: target folder; must not exist or be empty unless ``overwrite``.
+        per_class: cells per class, an int or {class: n}; FULL_COUNTS gives the real 4049.
+        clusters_per_class: cluster images per class, an int or {class: k}; by default (and for
+            classes absent from the dict) each class keeps its real SIPaKMeD cells per cluster
+            (default_clusters), so FULL_COUNTS gives the real 966 cluster images.
+        seed: base seed (>= 0).
+        size_range: (min, max) of a crop's longer side in px.
+        progress: True for a progress line on stderr, or a callable(done, total).
+        overwrite: replace a non-empty ``out_dir``.
+        stems: exact ``NNN_MM`` stems per class (stems_from_csv); overrides the counts.
+    Returns:
+        Summary dict: out_dir, seed, counts {class: cells}, clusters {class: cluster images},
+        n_cells, n_clusters.
+    Raises:
+        SyntheticError: bad arguments, or ``out_dir`` exists and is not empty (without overwrite).
+    """
+    lo, hi = _check_args(seed, size_range)
+    seed = int(seed)
+    layout = plan_layout(per_class, clusters_per_class, seed, stems)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise SyntheticError(f"out_dir {out}: exists and is not empty; choose a new folder or "
+                             f"pass overwrite=True")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    report = _progress_reporter(progress)
+    total = sum(len(cells) for cells in layout.values())
+    try:
+        done = 0
+        for cls, cells in layout.items():
+            ci = CLASSES.index(cls)
+            folder = stage / f"im_{cls}" / f"im_{cls}" / "CROPPED"
+            folder.mkdir(parents=True)
+            stain, stain_of = None, None
+            for nnn, mm in cells:
+                if stain_of != nnn:
+                    stain, stain_of = sample_stain(np.random.default_rng([seed, 1, ci, nnn])), nnn
+                rng = np.random.default_rng([seed, 2, ci, nnn, mm])
+                size = crop_size(cls, rng, (lo, hi), stain.magnification)
+                rgb, nuc, cyt = render_cell(cls, rng, stain, size)
+                stem = f"{nnn:03d}_{mm:02d}"
+                _write_bmp(folder / f"{stem}.bmp", rgb)
+                (folder / f"{stem}_nuc.dat").write_text(format_dat(nuc))
+                (folder / f"{stem}_cyt.dat").write_text(format_dat(cyt))
+                done += 1
+                if report is not None and (done == total or done % max(1, total // 50) == 0):
+                    report(done, total)
+        summary = {
+            "out_dir": str(out),
+            "seed": seed,
+            "generator_version": GENERATOR_VERSION,
+            "size_range": [lo, hi],
+            "counts": {c: len(v) for c, v in layout.items()},
+            "clusters": {c: len({nnn for nnn, _ in v}) for c, v in layout.items()},
+        }
+        summary["n_cells"] = sum(summary["counts"].values())
+        summary["n_clusters"] = sum(summary["clusters"].values())
+        info = {k: v for k, v in summary.items() if k != "out_dir"}
+        (stage / "synthetic.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        _commit(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return summary
+
+
+def _commit(stage: Path, out: Path) -> None:
+    """Move the finished staging folder to ``out`` (an old ``out`` is removed only now)."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / "old")
+        os.replace(stage, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(stage, out)
