@@ -28,6 +28,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with file descriptor 2 muted.
+
+    TensorFlow's C++ start-up lines (oneDNN notice, "could not find cuda drivers", cuInit errors on
+    CPU machines) are written before its log level applies, so TF_CPP_MIN_LOG_LEVEL cannot hide
+    them. Import errors are not hidden: they are raised again by the real import that follows.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("CERVICAL_DEBUG"):
+        return
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):   # stderr replaced (e.g. captured by pytest)
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    try:
+        import tensorflow as tf
+        tf.constant(0)   # device discovery happens here on first use
+        tf.get_logger().setLevel("ERROR")   # e.g. retracing notices from varying batch shapes
+    except Exception:   # noqa: BLE001 - reported by the real import
+        pass
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _progress(prefix: str):
     """A progress callback printing 'prefix: done/total' on one refreshed stderr line."""
     def report(done: int, total: int, note: str = "") -> None:
@@ -305,11 +333,22 @@ def run_explain(args) -> int:
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="outputs/demo", help="demo folder (default: %(default)s)")
+    p.add_argument("--out", default="outputs/demo",
+                   help="demo folder; an earlier demo there is replaced (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="much smaller data and fewer epochs (a smoke test, under a minute)")
+    p.add_argument("--seed", type=int, default=42, help="seed of every step (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds something other than an earlier demo")
 
 
 def run_demo(args) -> int:
-    raise NotImplementedError("demo: not implemented yet")
+    from cervical import demo
+
+    result = demo.run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite,
+                           progress=_progress)
+    print(demo.format_demo(result))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,6 +381,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     run = COMMANDS[args.command][1]
+    if args.command != "prepare":
+        _import_tensorflow_quietly()
     if os.environ.get("CERVICAL_DEBUG"):
         return run(args) or 0
     try:

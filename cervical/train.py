@@ -21,7 +21,7 @@ Regimes
 The test split is never loaded here: every choice (early stopping, LR schedule, best epoch) uses the
 validation split.
 
-Run folder (see CONTRACTS.md): config.json, model.keras, history.csv, contrastive_history.csv,
+Run folder: config.json, model.keras, history.csv, contrastive_history.csv,
 class_weights.json, cost_matrix.json, summary.json, train.log, loss/accuracy PNGs, checkpoints/
 (one per epoch, for ``resume``), tensorboard/ (``tensorboard=True``).
 

@@ -167,6 +167,30 @@ def test_tiny_model_shapes_and_feature_layer():
     np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)
 
 
+def test_tiny_receptive_field_is_local():
+    """The corner feature of tiny sees at most its documented 65 px receptive field.
+
+    Derivation (models._tiny_features): r grows by (k - 1) * j per layer: conv1 3 (j 2), pool 5
+    (j 4), conv2 13, pool 17 (j 8), conv3 33, conv4 49, conv5 65. Centre of the feature at (0, 0):
+    conv1 (stride 2, "same" on an even side pads only after) is centred on pixel 1, pool1 on
+    1 + 2 * 0.5 = 2, pool2 on 2 + 4 * 0.5 = 4, and the stride-1 convs keep it. So its input
+    gradient reaches exactly row/column 4 + (65 - 1) / 2 = 36 and nothing beyond.
+    """
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    m = models.build_model("tiny", 3, (110, 110, 3), weights=None)
+    feats = keras.Model(m.inputs, m.get_layer("features").output)
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, 110, 110, 3)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        corner = tf.reduce_sum(feats(x, training=False)[0, 0, 0, :])
+    g = np.abs(tape.gradient(corner, x).numpy()[0]).sum(-1)
+    rows, cols = np.nonzero(g)
+    assert rows.max() == 36 and cols.max() == 36
+    assert g[37:, :].sum() == 0 and g[:, 37:].sum() == 0
+
+
 def test_feature_layer_names_documented():
     want = {"vgg16": ("block5_conv3", "block4_conv3"), "vgg19": ("block5_conv4", "block5_conv2"),
             "resnet50": ("conv5_block3_out", "conv4_block1_0_conv"),
