@@ -352,10 +352,10 @@ def test_bad_arguments(tiny_prepared, tmp_path):
 @pytest.mark.slow
 def test_tiny_learns_the_synthetic_default(tmp_path_factory):
     """The demo's claim: tiny learns the default synthetic dataset (120 cells/class, x6 offline
-    augmentation, 110 px, grouped split) far above chance (0.20) within 8 CPU epochs: >= 0.85
-    validation accuracy. Measured: 0.896 (86 of 96 cells) at epochs 7 and 8, about 10 s per epoch
-    on 2 quiet cores; the dilated tiny of an earlier version reached 0.927 but its CAMs could not
-    localise (models._tiny_features). 96 validation cells: one cell is 1 point."""
+    augmentation, 110 px, grouped split) to >= 90 % validation accuracy within 12 CPU epochs with
+    the study's schedule (LR x0.2 after two epochs without val_loss improvement). Measured: 0.896
+    at epochs 7-8, LR cut after epoch 10, 0.948 at epoch 12; about 9 s per epoch on 2 cores.
+    96 validation cells: one cell is about 1 point."""
     import importlib.util
 
     if not hasattr(data, "prepare") or importlib.util.find_spec("cervical.synthetic") is None:
@@ -363,8 +363,8 @@ def test_tiny_learns_the_synthetic_default(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic_default")
     data.prepare(dataset="synthetic", out=root / "prepared", save_images=False)
     summary = train.train(train.TrainConfig(data=str(root / "prepared"), out=str(root / "run"),
-                                            model="tiny", epochs=8))
-    assert summary["val_accuracy"] >= 0.85, summary
+                                            model="tiny", epochs=12))
+    assert summary["val_accuracy"] >= 0.90, summary
 
 
 def test_cli_choices_match_the_library():
