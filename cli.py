@@ -28,6 +28,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _int_at_least(low: int):
+    """argparse type: an integer >= low, checked before any work starts."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def _import_tensorflow_quietly() -> None:
     """Import TensorFlow with file descriptor 2 muted.
 
@@ -92,17 +106,17 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="grouped (no cluster image in two splits) | thesis (the study's per-class "
                         "80/20 then 80/20, cell level) | manifest:FILE.csv | manifest:thesis "
                         "(the study's exact membership) (default: %(default)s)")
-    p.add_argument("--folds", type=int, default=0,
+    p.add_argument("--folds", type=_int_at_least(0), default=0,
                    help="K > 1: grouped stratified K-fold, one prepared folder per fold "
                         "(default: %(default)s = single split)")
-    p.add_argument("--augment", type=int, default=6,
+    p.add_argument("--augment", type=_int_at_least(0), default=6,
                    help="augmented copies per train image (6 gives the study's x7, 2589 -> 18123; "
                         "0 disables) (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=42, help="split/augmentation seed (default: %(default)s)")
-    p.add_argument("--per-class", type=int, default=None,
+    p.add_argument("--seed", type=_int_at_least(0), default=42, help="split/augmentation seed (default: %(default)s)")
+    p.add_argument("--per-class", type=_int_at_least(0), default=None,
                    help="synthetic only: cells per class (default: 120; 'full' sizes via "
                         "--per-class 0 = the real SIPaKMeD counts)")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--workers", type=_int_at_least(0), default=0,
                    help="worker processes for decoding and augmentation (default: 0 = all cores)")
     p.add_argument("--no-images", action="store_true",
                    help="write only the array cache and manifest, not one PNG per image")
@@ -148,16 +162,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze", choices=["auto", "study", "none"], default="auto",
                    help="freeze the study's first 13/17/86/100/249 backbone layers; auto: only "
                         "with pretrained weights (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=50,
+    p.add_argument("--epochs", type=_int_at_least(1), default=50,
                    help="maximum classifier epochs (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32,
                    help="images per device per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (default: 1e-3 finetune/cost-sensitive, 1e-4 "
                         "contrastive/baseline)")
-    p.add_argument("--patience", type=int, default=3,
+    p.add_argument("--patience", type=_int_at_least(0), default=3,
                    help="early-stopping patience on --monitor, 0 = off (default: %(default)s)")
-    p.add_argument("--lr-patience", type=int, default=2,
+    p.add_argument("--lr-patience", type=_int_at_least(0), default=2,
                    help="epochs without improvement before the LR is reduced, 0 = off "
                         "(default: %(default)s)")
     p.add_argument("--lr-factor", type=float, default=0.2, help="LR reduction factor "
@@ -182,15 +196,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--margin", type=float, default=0.2, help="triplet margin (default: %(default)s)")
     p.add_argument("--mining", choices=["semi_hard", "batch_hard", "batch_all"],
                    default="semi_hard", help="triplet mining (default: %(default)s)")
-    p.add_argument("--contrastive-epochs", type=int, default=50,
+    p.add_argument("--contrastive-epochs", type=_int_at_least(0), default=50,
                    help="phase-1 epochs (default: %(default)s)")
     p.add_argument("--contrastive-lr", type=float, default=1e-4,
                    help="phase-1 learning rate (default: %(default)s)")
-    p.add_argument("--projection-dim", type=int, default=128,
+    p.add_argument("--projection-dim", type=_int_at_least(1), default=128,
                    help="projection head width (default: %(default)s)")
     p.add_argument("--online-augment", action="store_true",
                    help="random flips, transposes, crops and brightness/contrast per batch")
-    p.add_argument("--seed", type=int, default=42, help="run seed (default: %(default)s)")
+    p.add_argument("--seed", type=_int_at_least(0), default=42, help="run seed (default: %(default)s)")
     p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                    help="allow non-deterministic TensorFlow ops (faster on some GPUs)")
     p.add_argument("--strategy", choices=["auto", "default", "mirrored", "multiworker"],
@@ -233,10 +247,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="split to evaluate; augmented copies are left out (default: %(default)s)")
     p.add_argument("--out", default=None,
                    help="output folder (default: RUN/eval/SPLIT, or RUN/eval/external-NAME-SPLIT with --data)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--n-boot", type=int, default=1000,
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--n-boot", type=_int_at_least(0), default=1000,
                    help="bootstrap resamples for the 95%% intervals; 0 disables (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="bootstrap seed (default: %(default)s)")
 
 
 def run_eval(args) -> int:
@@ -278,7 +292,7 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                    help="gradcam gradcam++ layercam scorecam faster-scorecam lime, or all; space- or "
                         "comma-separated (default: all)")
-    p.add_argument("--per-class", type=int, default=1,
+    p.add_argument("--per-class", type=_int_at_least(1), default=1,
                    help="most confident correct and wrong cells shown per class (default: %(default)s)")
     p.add_argument("--out", default=None,
                    help="output folder (default: RUN/explain/SPLIT, RUN/explain/images with --images)")
@@ -292,21 +306,21 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluate", action="store_true",
                    help="also measure deletion/insertion AUC, nucleus/cell energy share and pointing "
                         "game, time per cell and the randomisation sanity check")
-    p.add_argument("--n-eval", type=int, default=50,
+    p.add_argument("--n-eval", type=_int_at_least(1), default=50,
                    help="cells in the --evaluate metrics (default: %(default)s)")
-    p.add_argument("--n-sanity", type=int, default=5,
+    p.add_argument("--n-sanity", type=_int_at_least(0), default=5,
                    help="cells in the randomisation sanity check; 0 skips it (default: %(default)s)")
-    p.add_argument("--sanity-blocks", type=int, default=5,
+    p.add_argument("--sanity-blocks", type=_int_at_least(1), default=5,
                    help="cascading randomisation steps, output to input (default: %(default)s)")
-    p.add_argument("--lime-samples", type=int, default=1000,
+    p.add_argument("--lime-samples", type=_int_at_least(2), default=1000,
                    help="LIME perturbed images per cell (default: %(default)s)")
-    p.add_argument("--lime-segments", type=int, default=50,
+    p.add_argument("--lime-segments", type=_int_at_least(1), default=50,
                    help="LIME SLIC superpixels (default: %(default)s)")
-    p.add_argument("--max-n", type=int, default=10,
+    p.add_argument("--max-n", type=_int_at_least(1), default=10,
                    help="Faster-Score-CAM channels (default: %(default)s)")
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="pointing-game tolerance in pixels (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_int_at_least(0), default=0,
                    help="seed of LIME, of the evaluated cells and of the randomisation (default: %(default)s)")
 
 
@@ -337,7 +351,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                    help="demo folder; an earlier demo there is replaced (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="much smaller data and fewer epochs (a smoke test, under a minute)")
-    p.add_argument("--seed", type=int, default=42, help="seed of every step (default: %(default)s)")
+    p.add_argument("--seed", type=_int_at_least(0), default=42, help="seed of every step (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds something other than an earlier demo")
 
@@ -397,6 +411,11 @@ def main(argv=None) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         sys.stderr.write(f"cli.py {args.command}: error: {msg}\n")
         return 2
+    except Exception as exc:  # noqa: BLE001 - an unforeseen case: one line, traceback on request
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        sys.stderr.write(f"cli.py {args.command}: unexpected {type(exc).__name__}: {msg[:300]} (please "
+                         f"report it; CERVICAL_DEBUG=1 shows the traceback)\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -809,13 +809,18 @@ def _score_cam(model: Any, images: Any, class_index: ClassIndex, layer: Any, max
 def scorecam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
              max_n: Optional[int] = None, batch_size: int = 64, upsample: bool = True,
              progress: bool = False) -> np.ndarray:
-    """Score-CAM (Wang et al., CVPR-W 2020), as the study's toolkit computes it.
+    """Score-CAM (Wang et al., CVPR-W 2020), with the toolkit's masking but the true probability.
 
     For every channel k: M^k = minmax(upsample(A^k)) (bilinear to the input size, per image and channel,
-    constant channels give M^k = 0), w_k = softmax(f(X * M^k))_c (the target-class probability of the
-    masked image, the mask broadcast over colour channels); map = ReLU(sum_k w_k A^k). No baseline
-    subtraction and no softmax across channels (pytorch-grad-cam differs there). Costs one forward pass
-    per (image, channel).
+    constant channels give M^k = 0), w_k = p_c(X * M^k), the target-class probability of the masked
+    image (softmax of the model's logits, the mask broadcast over colour channels); map =
+    ReLU(sum_k w_k A^k). No baseline subtraction and no softmax across channels (pytorch-grad-cam
+    differs there). Costs one forward pass per (image, channel).
+
+    One departure from the study's toolkit: tf-keras-vis applies its own softmax to the model's
+    OUTPUT, which for the study's models was already a softmax, so its weights were softmax(p)_c,
+    squeezed into about [0.175, 0.405] for 5 classes instead of p_c in [0, 1]. We use p_c, Score-CAM's
+    definition; the maps differ from the study's by that monotone squeeze of each channel weight.
 
     Args:
         model, images, class_index, layer, upsample: as :func:`gradcam`.

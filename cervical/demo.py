@@ -49,12 +49,27 @@ class DemoError(ValueError):
     """The demo folder cannot be used (it holds something that is not an earlier demo)."""
 
 
+def _is_demo(folder: Path) -> bool:
+    """True when ``folder`` holds the marker an earlier run_demo wrote (a JSON object with its sizes)."""
+    import json
+
+    try:
+        marker = json.loads((folder / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and "sizes" in marker and "seed" in marker
+
+
 def _clear_out(out: Path, overwrite: bool) -> None:
     """Make ``out`` an empty folder; only an earlier demo (or --overwrite) may be replaced."""
     if out.exists() and not out.is_dir():
         raise DemoError(f"--out {out}: is a file; name a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not (overwrite or (out / _MARKER).is_file()):
+        here = Path.cwd().resolve()
+        if out.resolve() in (here, *here.parents) or (out / ".git").exists():
+            raise DemoError(f"--out {out}: holds the working folder or a git repository; "
+                            "name a folder of its own, e.g. outputs/demo")
+        if not (overwrite or _is_demo(out)):
             raise DemoError(f"--out {out}: folder is not empty and holds no earlier demo; "
                             "choose another folder or pass --overwrite")
         shutil.rmtree(out)

@@ -190,6 +190,8 @@ def load_run(run_dir: Union[str, os.PathLike]) -> Tuple[Any, Dict[str, Any]]:
             config = json.loads(config_file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ExplainError(f"{config_file}: unreadable ({type(exc).__name__}); restore or delete it") from None
+        if not isinstance(config, dict):
+            raise ExplainError(f"{config_file}: expected a JSON object (a run's config.json); restore or delete it")
     import keras
 
     _register_custom_objects()
@@ -571,7 +573,7 @@ def evaluate_cells(model: Any, images: np.ndarray, labels: np.ndarray, masks: Op
     5 % steps, blurred baseline); with masks (0 background, 1 cytoplasm, 2 nucleus) the energy share
     and pointing hit for the nucleus (mask == 2) and the whole cell (mask >= 1), and their chance
     levels (area fractions); time per cell. Then mean +/- std over cells, the mean curves, and the
-    cascading randomisation check on the first ``n_sanity`` cells.
+    cascading randomisation check on ``n_sanity`` of them, one class after another.
 
     Args:
         model: Keras model (raw pixels in, probabilities out).
@@ -664,13 +666,16 @@ def evaluate_cells(model: Any, images: np.ndarray, labels: np.ndarray, masks: Op
     sanity: Dict[str, Any] = {}
     k = min(int(n_sanity), n)
     if k > 0:
+        # class-balanced among the evaluated cells (their rows are ordered by class: the first k
+        # would all be one cell type)
+        sel = choose_eval_cells(np.asarray(labels), k, seed=seed)
         for method in methods:
-            fn = _sanity_fn(method, layer, max_n, lime_samples, seed, None if segments is None else segments[:k])
+            fn = _sanity_fn(method, layer, max_n, lime_samples, seed, None if segments is None else segments[sel])
             def block_note(j: int, blocks: int, _note: str = "", method: str = method) -> None:
                 if progress is not None:  # refresh the current step's note
                     progress(done[0], stages, f"sanity {method} block {j}/{blocks}")
 
-            res = xai_eval.randomisation_check(model, fn, x8[:k], class_index=pred[:k], blocks=sanity_blocks,
+            res = xai_eval.randomisation_check(model, fn, x8[sel], class_index=pred[sel], blocks=sanity_blocks,
                                                mode=sanity_mode, threshold=sanity_threshold, seed=seed,
                                                progress=block_note)
             sanity[method] = res
@@ -717,8 +722,10 @@ def format_metrics_md(metrics: Dict[str, Any], title: str = "XAI evaluation") ->
              f"order in {100 / s['steps']:g} % steps, baseline = {s['baseline']} image{blur}; area under the "
              f"predicted-class probability. Deletion: lower is better; insertion: higher is better.",
              f"- Energy share (energy-based pointing game): share of the positive map energy inside the "
-             f"mask; pointing: the map's maximum inside the mask{tol_text}. Chance = mask area fraction "
-             f"(what a uniform map or a random point scores).",
+             f"mask (a map with no positive energy counts as uniform); pointing: share of the map's "
+             f"maximal pixels inside the mask{tol_text} (1 or 0 for a single peak; a LIME superpixel "
+             f"plateau counts pro rata). Chance = mask area fraction (what a uniform map or a random "
+             f"point scores).",
              "- Time: wall seconds per cell after one warm-up call.", ""]
     head = "| method | deletion AUC ↓ | insertion AUC ↑ |"
     rule = "|---|---|---|"
@@ -762,10 +769,10 @@ def format_metrics_md(metrics: Dict[str, Any], title: str = "XAI evaluation") ->
 
 
 def _rate(stat: Dict[str, Any]) -> str:
-    """A hit rate with its counts, e.g. "0.80 (24/30)"."""
+    """A mean hit rate with its number of cells, e.g. "0.80 (n 30)" (ties make hits fractional)."""
     if stat.get("mean") is None:
         return "n/a"
-    return f"{stat['mean']:.2f} ({int(round(stat['mean'] * stat['n']))}/{stat['n']})"
+    return f"{stat['mean']:.2f} (n {stat['n']})"
 
 
 def _num(value: Optional[float]) -> str:

@@ -284,9 +284,12 @@ def _read_config(run: Path) -> dict:
     if not f.is_file():
         return {}
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        config = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ReportError(f"{f}: unreadable ({type(exc).__name__}); fix or remove it") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"{f}: expected a JSON object (a run's config.json); fix or remove it")
+    return config
 
 
 def _load_model(path: Path):
@@ -609,11 +612,18 @@ def _collect_run(run: Path, split: str, evaluate_missing: bool, progress: Progre
         try:
             summary = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise ReportError(f"{f}: unreadable ({type(exc).__name__}); rerun 'python cli.py eval --run {run}'") from None
+            raise ReportError(f"{f}: unreadable ({type(exc).__name__}); rerun 'python cli.py eval --run {run} "
+                              f"--split {split}'") from None
+        missing = [k for k in ("class_names", "per_class", "confusion_matrix", "accuracy", "n")
+                   if not isinstance(summary, dict) or k not in summary]
+        if missing:
+            raise ReportError(f"{f}: not a metrics.json written by 'cli.py eval' (missing {', '.join(missing)}); "
+                              f"rerun 'python cli.py eval --run {run} --split {split}'")
     elif evaluate_missing:
         summary = evaluate_run(run, split=split, progress=progress)
     else:
-        raise ReportError(f"--runs {run}: no eval/{split}/metrics.json; run 'python cli.py eval --run {run}' first")
+        raise ReportError(f"--runs {run}: no eval/{split}/metrics.json; run 'python cli.py eval --run {run} "
+                          f"--split {split}' first")
     config = _read_config(run)
     meta = summary.get("meta", {})
     model = config.get("model") or meta.get("model") or run.name
@@ -689,6 +699,9 @@ def _thesis_block(published: dict, group: dict) -> Optional[dict]:
     """The thesis's Table 6.2–6.4 entry for a group's (regime, model[, loss]) when its classes are SIPaKMeD's."""
     if list(group["class_names"]) != list(published.get("class_names", [])):
         return None
+    study_data = published.get("study", {}).get("dataset")
+    if study_data and group.get("dataset") != study_data:
+        return None  # e.g. the synthetic set shares SIPaKMeD's class names but not its numbers
     block = published.get("study_tables", {}).get(group["regime"], {})
     if block.get("loss") and group.get("loss") and group["loss"] != block["loss"]:
         return None  # Table 6.4 is N-pairs only

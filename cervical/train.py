@@ -943,6 +943,25 @@ def _load_init_model(init: str, num_classes: int, image_size: Tuple[int, int]):
     return model
 
 
+def heldout_signature(data_dir: os.PathLike) -> Optional[str]:
+    """SHA-256 of the validation and test membership of a prepared dataset (split, class, stem).
+
+    Two prepared folders with the same signature hold out the same cells, whatever their paths.
+    Recorded in every run's config.json, so ``--init`` can refuse a run whose training cells may
+    include this dataset's validation or test cells (another fold, seed or split protocol).
+    None when the manifest lacks the columns.
+    """
+    import hashlib
+
+    rows = cdata.read_manifest(data_dir)
+    if not rows or not {"split", "stem", "augmented"} <= set(rows[0]):
+        return None
+    held = sorted(f"{r['split']},{r.get('source_class') or r.get('class_name', '')},{r['stem']}"
+                  for r in rows
+                  if r["split"] in ("val", "test") and str(r["augmented"]).lower() in ("0", "false", ""))
+    return hashlib.sha256("\n".join(held).encode()).hexdigest()
+
+
 def _compile_classifier(model, lr: float, loss) -> None:
     import keras
 
@@ -994,6 +1013,13 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict:
         raise TrainError(f"--init {cfg.init}: the model has {n_init} classes, the data {k}"
                          + ("" if n_init != k else " with other names")
                          + "; use a run trained on the same classes")
+    if cfg.init:
+        theirs, ours = init_cfg.get("heldout_signature"), heldout_signature(cfg.data)
+        if theirs and ours and theirs != ours:
+            raise TrainError(f"--init {cfg.init}: was trained on another split of the data (its "
+                             f"validation/test cells differ from those of --data {cfg.data}), so "
+                             f"it may have trained on this split's test cells; continue a run "
+                             f"trained on --data {cfg.data}")
     try:
         tr = cdata.load_split(cfg.data, "train")
         va = cdata.load_split(cfg.data, "val")
@@ -1012,6 +1038,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict:
                   "data_dir": cfg.data, "class_names": class_names, "num_classes": k,
                   "split_protocol": info.get("split"), "image_size": input_shape[0],
                   "input_shape": list(input_shape), "data_fingerprint": info.get("fingerprint"),
+                  "heldout_signature": heldout_signature(cfg.data),
                   "dataset": info.get("dataset"), "task": info.get("task"),
                   "train_images": len(tr), "val_images": len(va),
                   "versions": cdata.library_versions(), "git_commit": _git_commit()}

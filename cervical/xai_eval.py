@@ -355,14 +355,20 @@ def energy_share(saliency: np.ndarray, mask: np.ndarray) -> float:
         saliency: (H, W) map a.
         mask: (H, W) mask s (non-zero = inside).
 
+    A map with no positive energy (an all-zero CAM, an all-negative LIME map) says nothing about
+    where the evidence is, so it is scored as a uniform map: E = |s| / (H W), the chance level. It
+    is not left out, which would excuse a method that fails on hard cells.
+
     Returns:
-        E in [0, 1]; NaN when the map has no positive energy or the mask is empty (undefined).
+        E in [0, 1]; NaN only when the mask is empty (undefined).
     """
     a = np.maximum(_as_map(saliency), 0.0)
     s = _as_mask(mask, a.shape)
-    total = float(a.sum())
-    if total <= 0.0 or not s.any():
+    if not s.any():
         return float("nan")
+    total = float(a.sum())
+    if total <= 0.0:
+        return float(s.mean())
     return float(a[s].sum() / total)
 
 
@@ -398,9 +404,12 @@ def dilate(mask: np.ndarray, radius: float) -> np.ndarray:
 def pointing_hit(saliency: np.ndarray, mask: np.ndarray, tolerance: float = 0.0) -> float:
     """Pointing game (Zhang et al. 2018): does the map's maximum fall inside the mask?
 
-    hit = 1 if some pixel p with a(p) = max a lies in the mask dilated by ``tolerance`` pixels
-    (:func:`dilate`), else 0. Every maximal pixel counts (as Quantus does); a constant map points
-    nowhere and gives NaN, as does an empty mask.
+    hit = share of the maximal pixels (a(p) = max a) that lie in the mask dilated by ``tolerance``
+    pixels (:func:`dilate`): the hit probability of a maximal pixel drawn at random. With a single
+    maximum this is 1 or 0. Ties matter for LIME, whose map is flat over each superpixel: counting
+    a hit when ANY maximal pixel is inside (Quantus' rule) would let a 240-pixel superpixel that
+    grazes the nucleus score 1 while a CAM's single-pixel peak must land inside. A constant map
+    makes every pixel maximal and so scores the chance level :func:`area_fraction`.
 
     Args:
         saliency: (H, W) map.
@@ -408,14 +417,14 @@ def pointing_hit(saliency: np.ndarray, mask: np.ndarray, tolerance: float = 0.0)
         tolerance: radius in pixels around the mask that still counts as a hit.
 
     Returns:
-        1.0, 0.0 or NaN.
+        a value in [0, 1]; NaN for an empty mask.
     """
     a = _as_map(saliency)
     s = _as_mask(mask, a.shape)
-    if not s.any() or a.max() == a.min():
+    if not s.any():
         return float("nan")
     region = dilate(s, tolerance)
-    return float(np.any(region[a == a.max()]))
+    return float(region[a == a.max()].mean())
 
 
 def area_fraction(mask: np.ndarray, tolerance: float = 0.0) -> float:

@@ -57,10 +57,24 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path):
 
     earlier = tmp_path / "earlier"
     earlier.mkdir()
-    (earlier / "demo.json").write_text("{}")
+    (earlier / "demo.json").write_text('{"seed": 42, "sizes": {}}')
     (earlier / "stale.txt").write_text("old")
     demo._clear_out(earlier, overwrite=False)
     assert earlier.is_dir() and not any(earlier.iterdir())
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "demo.json").write_text("[]")          # not our marker: refused
+    (fake / "keep.txt").write_text("x")
+    with pytest.raises(demo.DemoError, match="--overwrite"):
+        demo._clear_out(fake, overwrite=False)
+    assert (fake / "keep.txt").is_file()
+
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    with pytest.raises(demo.DemoError, match="git repository"):
+        demo._clear_out(repo, overwrite=True)        # even --overwrite never removes a repository
+    assert (repo / ".git").is_dir()
 
     a_file = tmp_path / "file"
     a_file.write_text("x")

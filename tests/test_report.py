@@ -148,12 +148,12 @@ def test_evaluate_run_bad_inputs(tiny_run, tmp_path):
 
 
 def _fake_run(root, name, regime, model, y_true, y_pred, fold=None, loss=None, names=NAMES,
-              protocol="grouped", history=None):
+              protocol="grouped", history=None, dataset="toy"):
     """A run folder with a metrics.json computed from label vectors (no model needed for the report)."""
     run = root / name
     (run / "eval" / "test").mkdir(parents=True)
     s = M.summarize(y_true, y_pred, names, n_boot=100, seed=0)
-    s["meta"] = {"dataset": "toy", "protocol": R.protocol_label(protocol, fold, 2 if fold is not None else None),
+    s["meta"] = {"dataset": dataset, "protocol": R.protocol_label(protocol, fold, 2 if fold is not None else None),
                  "fold": fold}
     (run / "eval" / "test" / "metrics.json").write_text(json.dumps(s))
     cfg = {"model": model, "regime": regime, "loss": loss, "variant": "standard", "class_names": names,
@@ -218,7 +218,8 @@ def test_build_report_writes_every_file_and_fold_mean_std(tiny_run, tmp_path):
 def test_build_report_thesis_columns_for_sipakmed_classes(tmp_path):
     names = ["Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"]
     t = list(range(5)) * 2
-    run = _fake_run(tmp_path, "dn", "finetune", "densenet169", t, t, names=names, protocol="thesis")
+    run = _fake_run(tmp_path, "dn", "finetune", "densenet169", t, t, names=names, protocol="thesis",
+                    dataset="sipakmed")
     out = tmp_path / "rep"
     R.build_report([run], out)
     with open(out / "table_finetune.csv", newline="") as fh:
@@ -227,6 +228,11 @@ def test_build_report_thesis_columns_for_sipakmed_classes(tmp_path):
     assert float(rows[0]["thesis_accuracy"]) == pytest.approx(0.9717)
     assert [float(rows[1][k]) for k in ("thesis_precision", "thesis_recall", "thesis_f1")] == [0.98, 0.93, 0.96]
     assert "0.98 / 0.93 / 0.96" in (out / "table_finetune.md").read_text()
+    # the synthetic set shares SIPaKMeD's class names, not its numbers: no thesis columns beside it
+    syn = _fake_run(tmp_path, "syn", "finetune", "densenet169", t, t, names=names, dataset="synthetic")
+    R.build_report([syn], tmp_path / "rep_syn")
+    with open(tmp_path / "rep_syn" / "table_finetune.csv", newline="") as fh:
+        assert next(csv.DictReader(fh))["thesis_accuracy"] == ""
 
 
 def test_build_report_rejects_mixed_class_sets_and_unevaluated_runs(tmp_path):
@@ -296,3 +302,36 @@ def test_cli_eval_and_report(tiny_run, tmp_path, capsys):
     assert cli.main(["eval", "--run", str(tmp_path)]) == 2                   # no model.keras
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no model.keras" in err[0]
+
+
+def test_malformed_run_files_give_one_line_errors(tmp_path, capsys):
+    """Valid JSON of the wrong shape is bad input (exit 2, one line), not a traceback."""
+    cli = _cli()
+    run = _fake_run(tmp_path, "r", "finetune", "vgg16", [0, 1, 2], [0, 1, 2])
+    (run / "eval" / "test" / "metrics.json").write_text("[]")
+    assert cli.main(["report", "--runs", str(run), "--out", str(tmp_path / "o1"), "--no-eval"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "metrics.json" in err and "--split test" in err
+    (run / "eval" / "test" / "metrics.json").write_text('{"n": 3}')
+    assert cli.main(["report", "--runs", str(run), "--out", str(tmp_path / "o2"), "--no-eval"]) == 2
+    assert "missing class_names" in capsys.readouterr().err
+    (run / "config.json").write_text("[1, 2]")
+    with pytest.raises(R.ReportError, match="expected a JSON object"):
+        R._read_config(run)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "--run", "r", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--run", "r", "--n-boot", "-5"], "--n-boot"),
+    (["explain", "--run", "r", "--seed", "-1"], "--seed"),
+    (["explain", "--run", "r", "--lime-samples", "1"], "--lime-samples"),
+    (["train", "--data", "d", "--out", "o", "--epochs", "0"], "--epochs"),
+    (["prepare", "--out", "o", "--augment", "x"], "--augment"),
+])
+def test_numeric_flags_are_checked_before_any_work(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        _cli().main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err

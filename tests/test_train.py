@@ -281,6 +281,41 @@ def test_cost_sensitive_writes_train_label_weights_and_init(tmp_path, finetune_r
         train.train(_config(other, tmp_path / "bad2", regime="cost-sensitive", init=str(ft)))
 
 
+def test_init_refuses_a_run_trained_on_another_split(tmp_path):
+    """--init must not continue a run whose training cells may be this dataset's test cells."""
+    import csv
+    import shutil
+
+    a = _prepared(tmp_path, "a", n_train=(6, 6, 6))
+    run = tmp_path / "run_a"
+    train.train(_config(a, run, epochs=1))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["heldout_signature"] == train.heldout_signature(a)
+    # the same cells in another folder: same signature, --init accepted
+    same = tmp_path / "a_copy"
+    shutil.copytree(a, same)
+    assert train.heldout_signature(same) == train.heldout_signature(a)
+    train.train(_config(same, tmp_path / "cont", regime="cost-sensitive", epochs=1, init=str(run),
+                        model=None))
+    # one test cell swapped for a training cell: another split of the data -> refused
+    other = tmp_path / "a_resplit"
+    shutil.copytree(a, other)
+    with open(other / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    i = next(j for j, r in enumerate(rows) if r["split"] == "test")
+    k = next(j for j, r in enumerate(rows) if r["split"] == "train" and r["label"] == rows[i]["label"])
+    rows[i]["stem"], rows[k]["stem"] = rows[k]["stem"], rows[i]["stem"]
+    with open(other / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert train.heldout_signature(other) != train.heldout_signature(a)
+    with pytest.raises(train.TrainError, match="another split of the data"):
+        train.train(_config(other, tmp_path / "bad", regime="cost-sensitive", epochs=1,
+                            init=str(run), model=None))
+    assert not (tmp_path / "bad" / "model.keras").exists()
+
+
 def test_cost_matrix_regime(tiny_prepared, tmp_path):
     cost = tmp_path / "cost.json"
     cost.write_text(json.dumps([[0, 1, 1], [5, 0, 1], [5, 1, 0]]))

@@ -120,7 +120,9 @@ def test_energy_share_hand_values():
     assert X.energy_share(a, mask) == pytest.approx(12 / 16)
     assert X.energy_share(np.ones((6, 6)), mask) == pytest.approx(4 / 36)   # uniform = chance
     assert X.area_fraction(mask) == pytest.approx(4 / 36)
-    assert np.isnan(X.energy_share(np.zeros((6, 6)), mask))
+    # no positive energy: scored as a uniform map (chance), not dropped
+    assert X.energy_share(np.zeros((6, 6)), mask) == pytest.approx(4 / 36)
+    assert X.energy_share(-np.abs(a), mask) == pytest.approx(4 / 36)
     assert np.isnan(X.energy_share(a, np.zeros((6, 6))))
 
 
@@ -136,9 +138,15 @@ def test_pointing_hit_with_tolerance_and_ties():
     assert X.pointing_hit(b, mask, tolerance=2) == 0.0
     assert X.pointing_hit(b, mask, tolerance=3) == 1.0
     ties = np.zeros((9, 9))
-    ties[0, 0] = ties[4, 4] = 2.0              # one of the maxima is inside: hit
-    assert X.pointing_hit(ties, mask) == 1.0
-    assert np.isnan(X.pointing_hit(np.ones((9, 9)), mask))   # a constant map points nowhere
+    ties[0, 0] = ties[4, 4] = 2.0              # one of two maxima inside: a random one hits half the time
+    assert X.pointing_hit(ties, mask) == 0.5
+    plateau = np.zeros((9, 9))
+    plateau[2:7, 2:7] = 1.0                    # a 25-pixel flat patch (a LIME superpixel) over the mask
+    assert X.pointing_hit(plateau, mask) == pytest.approx(1 / 25)
+    assert X.pointing_hit(plateau, mask, tolerance=1) == pytest.approx(5 / 25)   # the plus-shaped disc
+    # a constant map: every pixel is maximal, so it scores the chance level
+    assert X.pointing_hit(np.ones((9, 9)), mask) == pytest.approx(X.area_fraction(mask))
+    assert np.isnan(X.pointing_hit(ties, np.zeros((9, 9), bool)))
 
 
 def test_dilate_disc_and_chance_with_tolerance():
