@@ -102,6 +102,11 @@ def decode_rgb(path: os.PathLike) -> np.ndarray:
             return _to_rgb8(im)
     except DataError:
         raise
+    except Image.DecompressionBombError as exc:
+        # PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS before we can look at their size;
+        # the error derives from Exception, not OSError, so it needs its own clause.
+        raise DataError(f"{path}: image is too large to decode ({str(exc).splitlines()[0]}; "
+                        f"possible decompression bomb); remove or downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'}); "
@@ -213,7 +218,7 @@ def herlev_label_mask(path: os.PathLike) -> np.ndarray:
             idx = np.asarray(im, dtype=np.uint8)
     except DataError:
         raise
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: cannot decode mask ({type(exc).__name__}); "
                         f"replace or remove it") from None
     out = np.zeros(idx.shape, dtype=np.uint8)
@@ -554,8 +559,13 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
         class_names: names of label ids 0..K-1.
         info: extra keys for dataset.json (task, dataset, split protocol, seed, ...).
         save_images: also write every image (and mask) as PNG next to the cache.
+
+    A row's PNG is ``images/<split>/<class>/<stem>.png``, or ``<source_class>__<stem>.png`` when
+    its source class differs from its task class (merged classes: SIPaKMeD stems repeat across
+    source classes). Two rows with the same path raise DataError before anything is written.
     """
     out = Path(out_dir)
+    _check_unique_paths(splits, class_names)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cache").mkdir(exist_ok=True)
     rows = []
@@ -587,8 +597,9 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
         originals[split] = int((~aug).sum())
         for i in range(n):
             cname = class_names[int(y[i])]
-            rel = f"images/{split}/{cname}/{stems[i]}.png"
-            mrel = f"masks/{split}/{cname}/{stems[i]}.png" if masks is not None else ""
+            fname = _png_name(stems[i], src_cls[i], cname)
+            rel = f"images/{split}/{cname}/{fname}"
+            mrel = f"masks/{split}/{cname}/{fname}" if masks is not None else ""
             if save_images:
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 _save_png(out / rel, x[i])
@@ -614,6 +625,32 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
     meta.update(info or {})
     meta.setdefault("versions", library_versions())
     write_json(out / "dataset.json", meta)
+
+
+def _png_name(stem: str, source_class: str, class_name: str) -> str:
+    """File name of a prepared row: the stem, prefixed by its source class when merged."""
+    return f"{stem}.png" if source_class == class_name else f"{source_class}__{stem}.png"
+
+
+def _check_unique_paths(splits: Dict[str, dict], class_names: Sequence[str]) -> None:
+    """Safety net: refuse two rows that would write the same PNG (the later would overwrite)."""
+    seen: Dict[str, int] = {}
+    for split in SPLITS:
+        s = splits.get(split)
+        if s is None or len(s["y"]) == 0:
+            continue
+        y = np.asarray(s["y"], dtype=np.int64)
+        n = len(y)
+        stems = list(s.get("stems") or [f"{split}_{i:05d}" for i in range(n)])
+        src_cls = list(s.get("source_classes") or [class_names[int(c)] for c in y])
+        for i in range(n):
+            cname = class_names[int(y[i])]
+            rel = f"images/{split}/{cname}/{_png_name(stems[i], src_cls[i], cname)}"
+            if rel in seen:
+                raise DataError(f"write_prepared: rows {seen[rel]} and {i} of split '{split}' would "
+                                f"both be written to {rel} (stem {stems[i]!r}, source class "
+                                f"{src_cls[i]!r}); give every row a unique (source class, stem)")
+            seen[rel] = i
 
 
 def library_versions() -> Dict[str, str]:
@@ -975,9 +1012,41 @@ def save_dataset_figures(out: Path, widths, heights, labels, class_names, images
 # prepare: the whole data side of the study
 # ------------------------------------------------------------------------------------------------
 
+def _is_prepared_dir(folder: Path) -> bool:
+    """True for a folder written by ``prepare``: dataset.json, or folds.json for K-fold output."""
+    for name, key in (("dataset.json", "class_names"), ("folds.json", "fold_dirs")):
+        f = folder / name
+        if f.is_file():
+            try:
+                meta = json.loads(f.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(meta, dict) and key in meta:
+                return True
+    return False
+
+
+def _check_out_vs_data_dir(out: Path, data_dir: Optional[os.PathLike]) -> None:
+    """Refuse an --out that is, or holds, the raw data: prepare replaces --out as a whole."""
+    if data_dir is None:
+        return                  # synthetic: the raw files are generated inside out (out/raw)
+    d, o = Path(data_dir).resolve(), out.resolve()
+    if d == o or o in d.parents:
+        raise DataError(f"--data-dir {data_dir}: is inside --out {out} (prepare replaces --out and "
+                        f"would delete the raw data); choose an --out outside --data-dir")
+    if d in o.parents:
+        raise DataError(f"--out {out}: is inside --data-dir {data_dir} (a later prepare would read "
+                        f"the prepared images as raw data); choose an --out outside --data-dir")
+
+
 def _stage_dir(out: Path, overwrite: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DataError(f"--out {out}: exists and is not empty; choose a new folder or pass --overwrite")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise DataError(f"--out {out}: exists and is not empty; choose a new folder or pass "
+                            f"--overwrite")
+        if not out.is_dir() or not _is_prepared_dir(out):
+            raise DataError(f"--out {out}: not a prepared dataset folder; --overwrite only replaces "
+                            f"prepared datasets; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
         raise DataError(f"--out {out}: parent folder is not writable; choose another --out")
@@ -986,6 +1055,10 @@ def _stage_dir(out: Path, overwrite: bool) -> Path:
 
 def _commit_dir(stage: Path, out: Path) -> None:
     """Move the finished staging folder into place (replacing an old --out only now)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not _is_prepared_dir(out):
+        # re-checked here: something may have written into --out while we were preparing
+        raise DataError(f"--out {out}: not a prepared dataset folder; --overwrite only replaces "
+                        f"prepared datasets; choose another --out")
     if out.exists():
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, trash)
@@ -1018,6 +1091,10 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
         augment: augmented copies per train image (train split only, after splitting).
         per_class: synthetic only, cells per class (0 = the real SIPaKMeD counts; default 120).
         workers: processes for decode/augment (0 = all cores).
+        save_images: also write every image and mask as PNG.
+        overwrite: replace an existing ``out`` that is a prepared dataset (dataset.json, or
+            folds.json for K-fold output); any other non-empty folder is refused, and so is a
+            ``data_dir`` inside (or equal to) ``out``, with or without overwrite.
         progress: factory ``progress(label) -> report(done, total)`` for long loops.
     Returns:
         A summary dict (also stored in dataset.json).
@@ -1031,6 +1108,7 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
     if folds and split_kind != "grouped":
         raise DataError("--folds: K-fold splits are grouped; drop --split or use --split grouped")
     workers = workers or os.cpu_count() or 1
+    _check_out_vs_data_dir(out, data_dir)
     stage = _stage_dir(out, overwrite)
     try:
         summary = _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize,
@@ -1048,13 +1126,16 @@ def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, 
                   split, split_kind, manifest_csv, folds, augment, seed, per_class, workers,
                   save_images, progress) -> dict:
     generated = None
+    final_dir = None            # where data_dir will be after the commit, if it differs
     if dataset == "synthetic":
         from cervical import synthetic
 
         n = synthetic.FULL_COUNTS if per_class == 0 else (per_class or 120)
         if data_dir is None:
             raw = stage / "raw"
+            final_dir = out / "raw"     # the staging folder is renamed to out at the end
             generated = synthetic.generate(raw, per_class=n, seed=seed)
+            generated["out_dir"] = str(final_dir)
         else:
             raw = Path(data_dir)
             if not raw.exists() or not any(raw.iterdir()):
@@ -1063,6 +1144,12 @@ def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, 
     elif data_dir is None:
         raise DataError(f"--data-dir is required for --dataset {dataset}; point it at the raw files")
     data_dir = Path(data_dir)
+    final_dir = final_dir or data_dir
+
+    def final_path(p: Path) -> Path:
+        """A raw file's path once the staging folder has been renamed into place."""
+        return final_dir / Path(p).relative_to(data_dir) if final_dir != data_dir else Path(p)
+
     if dataset == "auto":
         dataset = detect_dataset(data_dir)
     if dataset not in READERS:
@@ -1117,7 +1204,7 @@ def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, 
         assignments = [split_grouped(labels, groups, seed)]
 
     base_info = {
-        "dataset": dataset, "task": task_name, "class_map": cmap, "source_dir": str(data_dir),
+        "dataset": dataset, "task": task_name, "class_map": cmap, "source_dir": str(final_dir),
         "image_size": size, "resize": resize, "interpolation": interpolation,
         "split": split if split_kind != "manifest" else f"manifest:{manifest_csv.name}",
         "seed": seed, "augment": augment, "size_analysis": sizes, "fingerprint": fingerprint,
@@ -1169,7 +1256,9 @@ def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, 
         fold_summaries.append(read_info(target))
 
     if skipped:
-        (stage / "skipped.txt").write_text("".join(f"{r.path}\t{msg}\n" for r, msg in skipped))
+        (stage / "skipped.txt").write_text("".join(
+            f"{final_path(r.path)}\t{msg.replace(str(r.path), str(final_path(r.path)))}\n"
+            for r, msg in skipped))
     if folds:
         write_json(stage / "folds.json", {"folds": folds, "class_names": class_names,
                                           "fold_dirs": [f"fold_{k}" for k in range(folds)],

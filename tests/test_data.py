@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cervical import data
-from conftest import HERLEV
+from conftest import HERLEV, make_blob_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 SIPAKMED_COUNTS = {"Dyskeratotic": 813, "Koilocytotic": 825, "Metaplastic": 793, "Parabasal": 787,
@@ -319,3 +319,132 @@ def test_cli_bad_dat_fails_and_bad_images_are_skipped_and_listed(tmp_path):
     _assert_one_line_error(cli("prepare", "--dataset", "sipakmed", "--data-dir", root, "--out",
                                tmp_path / "o2", "--augment", "0"), "002_01_nuc.dat")
     assert not (tmp_path / "o2").exists()
+
+
+# --- review fixes: unique file names, safe --overwrite, final source paths, decompression bombs --
+
+def _tree(root):
+    """{relative path: bytes} of every file under root (to show a folder was left untouched)."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_write_prepared_prefixes_merged_source_class_and_refuses_duplicate_paths(tmp_path):
+    x, y, m = make_blob_cells((2, 1), size=16)
+    # Two cells with stem 001_01 from different source classes merged into task class "merged",
+    # and one whose source class is its task class (keeps the plain stem, as in the 5-class layout).
+    split = dict(x=x, y=np.array([0, 0, 1]), masks=m, stems=["001_01", "001_01", "001_01"],
+                 source_classes=["A", "B", "plain"])
+    data.write_prepared(tmp_path / "ok", {"train": split}, ["merged", "plain"])
+    rows = data.read_manifest(tmp_path / "ok")
+    assert [r["path"] for r in rows] == ["images/train/merged/A__001_01.png",
+                                         "images/train/merged/B__001_01.png",
+                                         "images/train/plain/001_01.png"]
+    assert [r["mask"] for r in rows] == [p.replace("images/", "masks/", 1) for p in
+                                         (r["path"] for r in rows)]
+    assert [r["stem"] for r in rows] == ["001_01"] * 3      # the manifest keeps the source stem
+    dup = dict(split, source_classes=["A", "A", "plain"])
+    with pytest.raises(data.DataError, match="A__001_01.png"):
+        data.write_prepared(tmp_path / "dup", {"train": dup}, ["merged", "plain"])
+    assert not (tmp_path / "dup").exists()                 # refused before writing anything
+
+
+@pytest.mark.parametrize("task", ["2class", "3class"])
+def test_prepare_merged_class_task_writes_one_png_per_manifest_row(tmp_path, task):
+    out = tmp_path / "o"
+    data.prepare("synthetic", None, out, task=task, per_class=12, augment=1, size=16, workers=1)
+    rows = data.read_manifest(out)
+    # 60 cells: 64 % train (each with 1 augmented copy) -> ~93 rows; before the fix 77 unique.
+    assert len(rows) > 80
+    assert len({r["path"] for r in rows}) == len(rows)
+    assert len({r["mask"] for r in rows}) == len(rows)
+    assert len(list((out / "images").rglob("*.png"))) == len(rows)
+    assert len(list((out / "masks").rglob("*.png"))) == len(rows)
+    for s in data.SPLITS:
+        srows = [r for r in rows if r["split"] == s]
+        xs = np.load(out / "cache" / f"{s}_x.npy")
+        ms = np.load(out / "cache" / f"{s}_masks.npy")
+        assert len(srows) == len(xs) > 0
+        for r, xi, mi in zip(srows, xs, ms):
+            assert r["source_class"] != r["class_name"]
+            assert Path(r["path"]).name.startswith(r["source_class"] + "__")
+            assert np.array_equal(np.asarray(Image.open(out / r["path"])), xi)
+            assert np.array_equal(np.asarray(Image.open(out / r["mask"])), mi)
+
+
+def test_prepare_overwrite_refuses_a_folder_that_is_not_a_prepared_dataset(tmp_path):
+    root = _write_sipakmed(tmp_path / "raw", nested=False)
+    docs = _write_sipakmed(tmp_path / "docs", nested=False)       # e.g. another raw dataset
+    (docs / "notes.txt").write_text("keep me")
+    before = _tree(docs)
+    with pytest.raises(data.DataError, match="not a prepared dataset folder.*choose another --out"):
+        data.prepare("sipakmed", root, docs, overwrite=True, size=16, split="thesis", augment=0,
+                     workers=1)
+    assert _tree(docs) == before
+    # a file where --out should be is not a prepared dataset either
+    (tmp_path / "file.txt").write_text("keep me")
+    with pytest.raises(data.DataError, match="not a prepared dataset folder"):
+        data.prepare("sipakmed", root, tmp_path / "file.txt", overwrite=True, workers=1)
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob(".*.partial-*"))
+
+
+def test_prepare_refuses_data_dir_inside_or_equal_to_out(tmp_path):
+    out = tmp_path / "data"
+    root = _write_sipakmed(out / "sipakmed", nested=False)
+    (out / "dataset.json").write_text('{"class_names": ["a", "b"]}\n')  # looks prepared
+    before = _tree(out)
+    for overwrite in (False, True):
+        with pytest.raises(data.DataError, match="--data-dir .* is inside --out"):
+            data.prepare("sipakmed", root, out, overwrite=overwrite, augment=0, workers=1)
+        with pytest.raises(data.DataError, match="--data-dir .* is inside --out"):
+            data.prepare("sipakmed", out, out, overwrite=overwrite, augment=0, workers=1)
+    assert _tree(out) == before
+    # through the CLI: one line, exit code 2, nothing touched or left behind
+    _assert_one_line_error(cli("prepare", "--dataset", "sipakmed", "--data-dir", root, "--out", out,
+                               "--overwrite"), "--data-dir", "inside --out")
+    assert _tree(out) == before
+    assert not list(tmp_path.glob(".*.partial-*"))
+    # and the reverse: an --out inside the raw folder would be read as data next time
+    raw_before = _tree(root)
+    with pytest.raises(data.DataError, match="--out .* is inside --data-dir"):
+        data.prepare("sipakmed", root, root / "prepared", augment=0, workers=1)
+    assert _tree(root) == raw_before
+
+
+def test_dataset_json_names_final_source_and_rerun_is_byte_identical(tmp_path):
+    out = tmp_path / "o"
+    kw = dict(task="2class", per_class=12, augment=1, size=16, workers=1, save_images=False)
+    data.prepare("synthetic", None, out, **kw)
+    first = {n: (out / n).read_bytes() for n in ("dataset.json", "manifest.csv")}
+    info = json.loads(first["dataset.json"])
+    assert info["source_dir"] == str(out / "raw") == info["generated"]["out_dir"]
+    assert ".partial" not in first["dataset.json"].decode()
+    assert (out / "raw" / "synthetic.json").is_file()
+    assert not list(tmp_path.glob(".*"))                    # no staging or trash folder left
+    # dataset.json holds no time-dependent field (no timestamp; versions are library versions),
+    # so the whole file must match byte for byte.
+    data.prepare("synthetic", None, out, overwrite=True, **kw)
+    assert {n: (out / n).read_bytes() for n in first} == first
+    assert Path(json.loads((out / "dataset.json").read_text())["source_dir"]).is_dir()
+
+
+def test_decompression_bomb_is_skipped_and_listed(tmp_path, monkeypatch):
+    import PIL.Image
+
+    # PIL raises DecompressionBombError (an Exception, not an OSError) over 2 x MAX_IMAGE_PIXELS;
+    # with the limit at 1000 a 60x50 image (3000 px) trips it, the 30x24 cells (720 px) do not.
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (60, 50), (10, 20, 30)).save(bomb)
+    with pytest.raises(data.DataError, match=r"bomb\.png: .*decompression bomb"):
+        data.decode_rgb(bomb)
+    root = _write_sipakmed(tmp_path / "raw", nested=False, clusters=4, cells=2)
+    Image.new("RGB", (60, 50), (10, 20, 30)).save(root / "im_Parabasal" / "009_01.bmp")
+    s = data.prepare("sipakmed", root, tmp_path / "o", size=16, split="thesis", augment=0,
+                     workers=1)
+    assert s["skipped"] == 1 and sum(s["originals"].values()) == 16
+    (line,) = (tmp_path / "o" / "skipped.txt").read_text().splitlines()
+    path, reason = line.split("\t")
+    assert Path(path) == root / "im_Parabasal" / "009_01.bmp" and "decompression bomb" in reason
