@@ -1176,6 +1176,9 @@ def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, 
     masks_list = [results[i][1][1] for i in keep]
     has_masks = all(m is not None for m in masks_list)
     masks = np.stack(masks_list) if has_masks else None
+    # masks are all-or-nothing (one array per split); say so when a few cells cost them all
+    without_masks = [records[j].path for j, m in enumerate(masks_list) if m is None]
+    masks_dropped = (len(without_masks), str(without_masks[0])) if 0 < len(without_masks) < len(records) else None
     widths = [results[i][1][2][0] for i in keep]
     heights = [results[i][1][2][1] for i in keep]
     labels = np.array([class_names.index(r.class_name) for r in records], dtype=np.int64)
@@ -1267,6 +1270,8 @@ def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, 
         "class_names": class_names, "folds": folds,
         "fold_totals": [f["totals"] for f in fold_summaries], **base_info}
     summary["has_masks"] = bool(has_masks)
+    if masks_dropped:
+        summary["masks_dropped"] = {"cells_without_masks": masks_dropped[0], "example": masks_dropped[1]}
     return summary
 
 
@@ -1315,4 +1320,8 @@ def format_summary(summary: dict) -> str:
                      f"{sa['suggested_size']}")
     if summary.get("skipped"):
         lines.append(f"  skipped {summary['skipped']} unreadable images (see skipped.txt)")
+    if summary.get("masks_dropped"):
+        md = summary["masks_dropped"]
+        lines.append(f"  no masks stored: {md['cells_without_masks']} cells have no contour files "
+                     f"(e.g. {md['example']}); add them to get nucleus/cell masks for all")
     return "\n".join(lines)

@@ -448,3 +448,16 @@ def test_decompression_bomb_is_skipped_and_listed(tmp_path, monkeypatch):
     (line,) = (tmp_path / "o" / "skipped.txt").read_text().splitlines()
     path, reason = line.split("\t")
     assert Path(path) == root / "im_Parabasal" / "009_01.bmp" and "decompression bomb" in reason
+
+
+def test_prepare_says_when_a_few_cells_without_contours_cost_all_masks(tmp_path):
+    root = _write_sipakmed(tmp_path / "raw", clusters=4)
+    cropped = root / "im_Parabasal" / "im_Parabasal" / "CROPPED"
+    for suffix in ("_nuc.dat", "_cyt.dat"):
+        (cropped / f"002_01{suffix}").unlink()
+    s = data.prepare("sipakmed", root, tmp_path / "out", augment=0, workers=1, size=16,
+                     save_images=False)
+    assert s["has_masks"] is False
+    assert s["masks_dropped"]["cells_without_masks"] == 1
+    assert s["masks_dropped"]["example"].endswith("002_01.bmp")
+    assert "1 cells have no contour files" in data.format_summary(s)
