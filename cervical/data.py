@@ -1131,15 +1131,18 @@ def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, 
         from cervical import synthetic
 
         n = synthetic.FULL_COUNTS if per_class == 0 else (per_class or 120)
+        # a split manifest names real files: generate exactly those (e.g. manifest:thesis gives the
+        # study's 4049 SIPaKMeD file names, so its exact split can be rehearsed offline)
+        stems = synthetic.stems_from_csv(manifest_csv) if split_kind == "manifest" else None
         if data_dir is None:
             raw = stage / "raw"
             final_dir = out / "raw"     # the staging folder is renamed to out at the end
-            generated = synthetic.generate(raw, per_class=n, seed=seed)
+            generated = synthetic.generate(raw, per_class=n, seed=seed, stems=stems)
             generated["out_dir"] = str(final_dir)
         else:
             raw = Path(data_dir)
             if not raw.exists() or not any(raw.iterdir()):
-                generated = synthetic.generate(raw, per_class=n, seed=seed)
+                generated = synthetic.generate(raw, per_class=n, seed=seed, stems=stems)
         data_dir = raw
     elif data_dir is None:
         raise DataError(f"--data-dir is required for --dataset {dataset}; point it at the raw files")
