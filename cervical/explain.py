@@ -871,7 +871,7 @@ def _grid(rows: List[Dict[str, Any]], columns: List[str], title: str, path: Path
     from matplotlib.figure import Figure
 
     n_rows, n_cols = max(len(rows), 1), len(columns)
-    panel, label_h, title_h = 1.7, 0.42, 0.5
+    panel, label_h, title_h = 1.7, 0.42, 0.5 + 0.42   # the title sits above the first row's labels
     width = max(n_cols * panel + 0.3, 5.0)
     height = n_rows * (panel + label_h) + title_h
     fig = Figure(figsize=(width, height))
@@ -889,7 +889,7 @@ def _grid(rows: List[Dict[str, Any]], columns: List[str], title: str, path: Path
         for c, image in enumerate(row["panels"]):
             axes[r, c].imshow(image, interpolation="nearest")
             axes[r, c].set_title(row["label"] if c == 0 else columns[c], fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, y=1 - 0.1 / height, va="top")
     _save_figure(fig, path)
 
 
