@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -74,6 +75,30 @@ def _clear_out(out: Path, overwrite: bool) -> None:
                             "choose another folder or pass --overwrite")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _epoch_progress(report: Optional[Callable]) -> list:
+    """A Keras callback reporting 'epoch i/n' and the validation accuracy after every epoch."""
+    if report is None:
+        return []
+    import keras
+
+    class EpochProgress(keras.callbacks.Callback):
+        done, total = 0, 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            self.total = int(self.params.get("epochs") or epoch + 1)
+            self.done = min(epoch + 1, self.total)
+            shown = [f"{k} {logs[k]:.3f}" for k in ("loss", "val_accuracy") if k in logs]
+            report(self.done, self.total, "epochs; " + ", ".join(shown))
+
+        def on_train_end(self, logs=None):
+            if 0 < self.done < self.total:      # early stopping: end the progress line
+                sys.stderr.write(" (stopped early)\n")
+                sys.stderr.flush()
+
+    return [EpochProgress()]
 
 
 def run_demo(out: os.PathLike = "outputs/demo", quick: bool = False, seed: int = 42,
@@ -136,7 +161,7 @@ def run_demo(out: os.PathLike = "outputs/demo", quick: bool = False, seed: int =
     for name, title, options in plans:
         say(f"-- {name}: {title}")
         cfg = train.TrainConfig(**{**common, **options, "out": str(runs_dir / name)})
-        say(train.format_summary(train.train(cfg)))
+        say(train.format_summary(train.train(cfg, callbacks=_epoch_progress(prog("train " + name)))))
     seconds["train"] = time.perf_counter() - t
 
     # 3. eval ---------------------------------------------------------------------------------
