@@ -42,34 +42,6 @@ def _int_at_least(low: int):
     return parse
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with file descriptor 2 muted.
-
-    TensorFlow's C++ start-up lines (oneDNN notice, "could not find cuda drivers", cuInit errors on
-    CPU machines) are written before its log level applies, so TF_CPP_MIN_LOG_LEVEL cannot hide
-    them. Import errors are not hidden: they are raised again by the real import that follows.
-    """
-    if "tensorflow" in sys.modules or os.environ.get("CERVICAL_DEBUG"):
-        return
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):   # stderr replaced (e.g. captured by pytest)
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    try:
-        import tensorflow as tf
-        tf.constant(0)   # device discovery happens here on first use
-        tf.get_logger().setLevel("ERROR")   # e.g. retracing notices from varying batch shapes
-    except Exception:   # noqa: BLE001 - reported by the real import
-        pass
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _progress(prefix: str):
     """A progress callback printing 'prefix: done/total' on one refreshed stderr line."""
     def report(done: int, total: int, note: str = "") -> None:
@@ -395,8 +367,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     run = COMMANDS[args.command][1]
-    if args.command != "prepare":
-        _import_tensorflow_quietly()
+    if args.command not in ("prepare", "demo"):   # demo imports it after its prepare step
+        from cervical import import_tensorflow_quietly
+        import_tensorflow_quietly()
     if os.environ.get("CERVICAL_DEBUG"):
         return run(args) or 0
     try:

@@ -142,6 +142,8 @@ def run_demo(out: os.PathLike = "outputs/demo", quick: bool = False, seed: int =
                            per_class=sizes["per_class"], save_images=True, progress=prog)
     say(data.format_summary(summary))
     seconds["prepare"] = time.perf_counter() - t
+    from cervical import import_tensorflow_quietly
+    import_tensorflow_quietly()
     from cervical import explain, report, train
 
     # 2. train --------------------------------------------------------------------------------
@@ -216,6 +218,9 @@ def format_demo(result: Dict[str, Any]) -> str:
         return "n/a" if v is None else f"{100 * v:.1f} %"
 
     lines = ["", "== summary"]
+    if result.get("quick"):
+        lines.append("(--quick: a smoke test of every step on a few dozen cells and 1-2 epochs; its "
+                     "figures say nothing about the methods; run without --quick for those)")
     chance = result["chance_accuracy"]
     for name, r in result["runs"].items():
         lines.append(f"{name:<15} test accuracy {pct(r['test_accuracy'])}  macro-F1 "
