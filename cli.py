@@ -176,6 +176,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="projection head width (default: %(default)s)")
     p.add_argument("--online-augment", action="store_true",
                    help="random flips, transposes, crops and brightness/contrast per batch")
+    p.add_argument("--precise-bn", type=_int_at_least(0), default=None, metavar="N",
+                   help="re-estimate BatchNorm statistics on N training images before every "
+                        "validation, 0 = Keras' moving averages (default: 1024; 0 with "
+                        "--variant thesis, as the study)")
     p.add_argument("--seed", type=_int_at_least(0), default=42, help="run seed (default: %(default)s)")
     p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                    help="allow non-deterministic TensorFlow ops (faster on some GPUs)")

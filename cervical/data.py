@@ -653,18 +653,77 @@ def _check_unique_paths(splits: Dict[str, dict], class_names: Sequence[str]) -> 
             seen[rel] = i
 
 
+#: Libraries whose versions can change a result (recorded in every dataset.json and config.json).
+RESULT_LIBRARIES = ("numpy", "scipy", "scikit-learn", "scikit-image", "pillow", "tensorflow",
+                    "keras", "matplotlib")
+
+#: The versions the test suite and the README's figures were measured with (pip constraints file).
+CONSTRAINTS_FILE = Path(__file__).with_name("constraints.txt")
+
+
 def library_versions() -> Dict[str, str]:
     """Versions of Python and the libraries that shape results (without importing TensorFlow)."""
     import platform
     from importlib import metadata
 
     out = {"python": platform.python_version(), "cervical": __import__("cervical").__version__}
-    for pkg in ("numpy", "scikit-learn", "scikit-image", "pillow", "tensorflow", "keras",
-                "matplotlib"):
+    for pkg in RESULT_LIBRARIES:
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = "not installed"
+    return out
+
+
+def _canonical(name: str) -> str:
+    """PEP 503 project-name normalisation: 'Scikit_Learn' -> 'scikit-learn'."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def tested_versions(path: os.PathLike = CONSTRAINTS_FILE) -> Dict[str, str]:
+    """{library: version} of the tested release set, read from the pip constraints file.
+
+    Lines ``name==version`` give the libraries; the header line ``# tested-python: 3.11`` gives
+    "python" (major.minor). Returns {} when the file is missing (e.g. a stripped install).
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    out: Dict[str, str] = {}
+    for line in lines:
+        line = line.strip()
+        if line.startswith("# tested-python:"):
+            out["python"] = line.split(":", 1)[1].strip()
+        elif line and not line.startswith("#") and "==" in line:
+            name, version = line.split("==", 1)
+            out[_canonical(name)] = version.split(";")[0].strip()
+    return out
+
+
+def untested_versions(versions: Optional[Dict[str, str]],
+                      tested: Optional[Dict[str, str]] = None) -> List[str]:
+    """Which of a run's library versions differ from the tested ones, as readable strings.
+
+    Python is compared on major.minor, every other library of ``RESULT_LIBRARIES`` exactly.
+
+    Args:
+        versions: {library: version} as recorded by :func:`library_versions` (None: nothing known).
+        tested: the tested set (default: :func:`tested_versions`).
+    Returns:
+        e.g. ["keras 3.14.0 (tested 3.15.1)"]; [] when everything matches or nothing is known.
+    """
+    tested = tested_versions() if tested is None else tested
+    if not versions or not tested:
+        return []
+    out = []
+    for name in ("python",) + RESULT_LIBRARIES:
+        have, want = versions.get(name), tested.get(name)
+        if have is None or want is None:
+            continue
+        same = (have.split(".")[:2] == want.split(".")[:2]) if name == "python" else have == want
+        if not same:
+            out.append(f"{name} {have} (tested {want})")
     return out
 
 

@@ -545,6 +545,9 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
         "n_boot": int(n_boot),
         "seed": int(seed),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": config.get("versions"),
+        "eval_versions": cdata.library_versions(),
+        "untested_versions": untested_version_notes(config.get("versions"), cdata.library_versions()),
     }
 
     if out_dir is None:
@@ -573,6 +576,18 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
     return summary
 
 
+def untested_version_notes(train_versions: Optional[dict], eval_versions: Optional[dict]) -> List[str]:
+    """Libraries of a run (trained with ``train_versions``, evaluated with ``eval_versions``) whose
+    versions differ from the tested set of ``cervical/constraints.txt``, e.g.
+    ["trained with keras 3.14.0 (tested 3.15.1)"]. Empty when both match (or nothing is recorded)."""
+    from cervical import data as cdata
+
+    tested = cdata.tested_versions()
+    notes = [f"trained with {d}" for d in cdata.untested_versions(train_versions, tested)]
+    notes += [f"evaluated with {d}" for d in cdata.untested_versions(eval_versions, tested)]
+    return notes
+
+
 def format_eval(summary: dict) -> str:
     """A short terminal table of an :func:`evaluate_run` summary (per-class scores and headline numbers)."""
     meta = summary.get("meta", {})
@@ -595,6 +610,10 @@ def format_eval(summary: dict) -> str:
         extra += [f"sensitivity {_fmt(summary['sensitivity'])}", f"specificity {_fmt(summary['specificity'])}"
                   f" (abnormal = {', '.join(summary['abnormal_classes'])})"]
     lines.append("   ".join(extra))
+    untested = meta.get("untested_versions")
+    if untested:
+        lines.append("note: versions other than the tested ones (cervical/constraints.txt): "
+                     + "; ".join(untested))
     if summary.get("files"):
         lines.append(f"written to {Path(summary['files']['metrics.json']).parent}")
     return "\n".join(lines)
@@ -840,6 +859,21 @@ def _short_source(row: list) -> str:
     return text if len(text) <= 90 else text[:90].rsplit(" ", 1)[0] + " …"
 
 
+def _version_lines(records: List[dict]) -> List[str]:
+    """Markdown lines: which runs were trained or evaluated with untested library versions."""
+    lines = []
+    for r in records:
+        meta = r["summary"].get("meta", {})
+        notes = untested_version_notes(r["config"].get("versions"), meta.get("eval_versions"))
+        if notes:
+            lines.append(f"- {Path(r['run']).name}: " + "; ".join(notes))
+    if not lines:
+        return ["Every run was trained and evaluated with the tested versions "
+                "(`cervical/constraints.txt`)."]
+    return ["Versions other than the tested ones (`cervical/constraints.txt`); figures may differ "
+            "from the README's:", ""] + lines
+
+
 def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: str = "test",
                  evaluate_missing: bool = True, progress: Progress = None,
                  published: Optional[dict] = None) -> Path:
@@ -973,6 +1007,9 @@ def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: s
         md += ["## Folds and repeated runs: mean ± std", "",
                "Sample standard deviation (ddof = 1) over the runs of each group.", "", agg_md,
                "All metrics: [aggregate.csv](aggregate.csv).", ""]
+
+    # --- library versions against the tested set ------------------------------------------
+    md += ["## Library versions", ""] + _version_lines(records) + [""]
 
     # --- comparison with published work (Table 7.1) --------------------------------------
     ch, crows = _comparison_rows(groups, published)

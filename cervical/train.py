@@ -66,12 +66,14 @@ TRIPLET_MINING = ("semi_hard", "batch_hard", "batch_all")
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
 CONTRASTIVE_COLUMNS = ("epoch", "loss")
 PLATEAU_MIN_DELTA = 1e-4     # keras ReduceLROnPlateau's default min_delta (the study's callback)
+PRECISE_BN_IMAGES = 1024     # training images behind each BatchNorm re-estimate (PreciseBatchNorm)
 
 # Fields that define a run: a resumed run must agree with the saved config on all of them.
 _RUN_FIELDS = ("data", "model", "regime", "variant", "weights", "freeze", "epochs", "batch_size",
                "lr", "patience", "lr_patience", "lr_factor", "min_lr", "monitor", "class_weights",
                "cost_matrix", "init", "loss", "temperature", "margin", "mining",
-               "contrastive_epochs", "contrastive_lr", "projection_dim", "online_augment", "seed",
+               "contrastive_epochs", "contrastive_lr", "projection_dim", "online_augment", "precise_bn",
+               "seed",
                "deterministic", "mixed_precision")
 
 
@@ -108,6 +110,9 @@ class TrainConfig:
         contrastive_epochs, contrastive_lr: phase-1 epochs and learning rate (study: 50, 1e-4).
         projection_dim: projection head width (study: 128).
         online_augment: random flips/transposes, crops and brightness/contrast per batch.
+        precise_bn: training images over which BatchNorm statistics are re-estimated with the
+            current weights before every validation (``PreciseBatchNorm``); 0 keeps Keras' moving
+            averages (the study's behaviour). None = 1024, or 0 with ``variant="thesis"``.
         seed: seed of initial weights, epoch order and augmentation.
         deterministic: switch on TensorFlow's deterministic ops for the run.
         strategy: one of STRATEGIES (tf.distribute).
@@ -144,6 +149,7 @@ class TrainConfig:
     contrastive_lr: float = 1e-4
     projection_dim: int = 128
     online_augment: bool = False
+    precise_bn: Optional[int] = None
     seed: int = 42
     deterministic: bool = True
     strategy: str = "auto"
@@ -220,6 +226,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         c.lr = 1e-3 if c.regime in ("finetune", "cost-sensitive") else 1e-4
     c.lr = _check_number("lr", c.lr, 0.0, allow_low=False)
     c.verbose = int(c.verbose)
+    if c.precise_bn is None:
+        c.precise_bn = 0 if c.variant == "thesis" else PRECISE_BN_IMAGES
+    c.precise_bn = _check_number("precise-bn", c.precise_bn, 0, integer=True)
     if c.regime == "contrastive":
         c.loss = c.loss or "supcon"
         if c.loss not in CONTRASTIVE_LOSS_NAMES:
@@ -775,6 +784,102 @@ def _make_callbacks():
     return Control, Checkpoint
 
 
+def precise_batchnorm_callback(images: np.ndarray, batch_size: int, after: str = "test"):
+    """A Keras callback that re-estimates BatchNorm population statistics from ``images``.
+
+    Why: a BatchNormalization layer normalises with the statistics of the current batch while
+    training, but at inference with exponential moving averages of past batch statistics
+    (momentum m: mu <- m mu + (1 - m) mu_batch). When the weights change fast (a network trained
+    from scratch at lr 1e-3, a small dataset, few steps per epoch) those averages still describe
+    the weights of many steps ago, so the validation score, computed with them, measures a model
+    that never existed: tiny's validation accuracy swung by up to 30 points between epochs (demo,
+    seed 42: 0.46, 0.54, 0.38, 0.71, 0.44) while the same weights scored a steady 0.65, 0.66, 0.75,
+    0.73, 0.72 with re-estimated statistics, and which epoch early stopping kept then depended on
+    rounding differences between machines. PreciseBN (Wu & Johnson, "Rethinking 'Batch' in
+    BatchNorm", 2021, section 3) replaces the averages by the population statistics of a fixed
+    set of training images under the current weights:
+
+        mu_l = E[x_l],  sigma^2_l = E[x_l^2] - mu_l^2
+
+    over every image and position of the input x_l of each trainable BatchNorm layer l, with the
+    layers before it in training mode (as when the statistics were collected by the averages).
+
+    Args:
+        images: uint8 (N, H, W, 3) training images (a fixed subset; raw pixels, as the model takes).
+        batch_size: images per forward pass.
+        after: "test" re-estimates before every validation (``on_test_begin``, so the validation
+            score, the best-epoch choice and the checkpoint all use the new statistics), "epoch"
+            at the end of every epoch (phases without validation, e.g. contrastive phase 1).
+    Returns:
+        a keras.callbacks.Callback; it does nothing on a model without trainable BatchNorm layers.
+    """
+    import keras
+    import tensorflow as tf
+
+    class PreciseBatchNorm(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self._moments = None
+            self._layers = None
+
+        def _build(self) -> None:
+            self._layers = [layer for layer in self.model.layers
+                            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+            if not self._layers:
+                return
+            probe = keras.Model(self.model.inputs, [layer.input for layer in self._layers])
+            axes = [[a for a in range(len(layer.input.shape)) if a != layer.axis % len(layer.input.shape)]
+                    for layer in self._layers]
+
+            @tf.function(reduce_retracing=True)
+            def moments(x):
+                outs = probe(x, training=True)
+                outs = outs if isinstance(outs, (list, tuple)) else [outs]
+                out = []
+                for o, ax in zip(outs, axes):
+                    o = tf.cast(o, tf.float32)
+                    out.append((tf.reduce_mean(o, ax), tf.reduce_mean(tf.square(o), ax)))
+                return out
+
+            self._moments = moments
+
+        def recalibrate(self) -> None:
+            if self._layers is None:
+                self._build()
+            if not self._layers:
+                return
+            sums = None
+            for start in range(0, len(images), batch_size):
+                batch = images[start:start + batch_size]
+                w = len(batch) / len(images)
+                stats = self._moments(tf.constant(batch, tf.float32))
+                part = [(w * m.numpy().astype(np.float64), w * q.numpy().astype(np.float64))
+                        for m, q in stats]
+                sums = part if sums is None else [(a + c, b + d) for (a, b), (c, d) in zip(sums, part)]
+            for layer, (mean, mean_sq) in zip(self._layers, sums):
+                layer.moving_mean.assign(mean.astype(np.float32))
+                layer.moving_variance.assign(np.maximum(mean_sq - mean ** 2, 0.0).astype(np.float32))
+
+        def on_test_begin(self, logs=None):
+            if after == "test":
+                self.recalibrate()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if after == "epoch":
+                self.recalibrate()
+
+    return PreciseBatchNorm()
+
+
+def precise_bn_images(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The fixed training subset behind PreciseBatchNorm: ``n`` images drawn without replacement
+    with ``seed`` (all of them when there are fewer), in file order."""
+    if n <= 0 or len(x) <= n:
+        return x
+    idx = np.sort(np.random.default_rng([int(seed), 7]).choice(len(x), n, replace=False))
+    return x[idx]
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     cdata.write_json(path, obj)
 
@@ -831,7 +936,7 @@ class _PhaseResult:
 def _run_phase(model, phase: str, run: Path, dataset_fn, steps: int, val_ds, epochs: int,
                monitor: Optional[str], patience: int, lr_patience: int, lr_factor: float,
                min_lr: float, columns: Sequence[str], history_path: Path, cfg: TrainConfig,
-               log, extra_callbacks: Sequence) -> _PhaseResult:
+               log, extra_callbacks: Sequence, precise_bn: Sequence = ()) -> _PhaseResult:
     """Fit ``model`` (compiled) for a phase, resuming from RUN/checkpoints/<phase> when present.
 
     Monitor None (contrastive phase 1): no validation, no early stopping or schedule; the last
@@ -859,7 +964,8 @@ def _run_phase(model, phase: str, run: Path, dataset_fn, steps: int, val_ds, epo
         _load_variables(folder / f"epoch_{start}.npz", model, optimizer=True)
         log(f"{phase}: resuming after epoch {start}")
     if start < epochs and not stopped:
-        callbacks = [control, Checkpoint(folder, control, rows, columns, history_path, log, phase)]
+        callbacks = list(precise_bn) + [control, Checkpoint(folder, control, rows, columns,
+                                                            history_path, log, phase)]
         if cfg.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard" / phase)))
         callbacks += list(extra_callbacks)
@@ -1084,9 +1190,15 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict:
                 tr.x, tr.y, global_batch, cfg.seed, (start, stop), num_classes=k,
                 augment="light" if online_augment else None, class_weight=weights)
 
+        bn_images = precise_bn_images(tr.x, cfg.precise_bn, cfg.seed)
+
+        def precise_bn(after: str) -> list:
+            return ([precise_batchnorm_callback(bn_images, global_batch, after)]
+                    if cfg.precise_bn else [])
+
         phase_args = dict(monitor=cfg.monitor, patience=cfg.patience, lr_patience=cfg.lr_patience,
                           lr_factor=cfg.lr_factor, min_lr=cfg.min_lr, cfg=cfg, log=log,
-                          extra_callbacks=callbacks)
+                          extra_callbacks=callbacks, precise_bn=precise_bn("test"))
         contrastive_rows = None
         with strategy.scope():
             if cfg.regime in ("finetune", "cost-sensitive"):
@@ -1112,7 +1224,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict:
                                                freeze=freeze, normalization=normalization)
                 if cfg.regime == "contrastive":
                     contrastive_rows = _contrastive_phase(encoder, cfg, run, tr, global_batch,
-                                                          steps, log, callbacks)
+                                                          steps, log, callbacks,
+                                                          precise_bn("epoch"))
                 model = models.build_contrastive_classifier(
                     encoder, k, train_encoder=cfg.regime == "baseline")
                 _compile_classifier(model, cfg.lr, "categorical_crossentropy")
@@ -1154,7 +1267,7 @@ def _count(variables) -> int:
 
 
 def _contrastive_phase(encoder, cfg: TrainConfig, run: Path, tr, global_batch: int, steps: int,
-                       log, callbacks) -> List[dict]:
+                       log, callbacks, precise_bn: Sequence = ()) -> List[dict]:
     """Phase 1: encoder + projection head trained with a contrastive loss on two views per image."""
     import keras
     from cervical import losses
@@ -1177,7 +1290,7 @@ def _contrastive_phase(encoder, cfg: TrainConfig, run: Path, tr, global_batch: i
                         monitor=None, patience=0, lr_patience=0, lr_factor=cfg.lr_factor,
                         min_lr=cfg.min_lr, columns=CONTRASTIVE_COLUMNS,
                         history_path=run / "contrastive_history.csv", cfg=cfg, log=log,
-                        extra_callbacks=callbacks)
+                        extra_callbacks=callbacks, precise_bn=precise_bn)
     return result.rows
 
 

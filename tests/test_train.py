@@ -120,6 +120,63 @@ def test_augment_images_known_answers():
     assert np.all(np.abs(out - 100.0) <= 25.5 + 1e-3)
 
 
+def test_precise_batchnorm_known_answer():
+    """Two BatchNorm layers around a fixed 1x1 convolution, statistics re-estimated over 7 images
+    in batches of 3 (3 + 3 + 1): by hand, BN1's moving statistics are the per-channel mean and
+    (biased) variance of the raw images over every image and pixel; BN2's are those of
+    W^T z, where z is BN1's training-mode output, normalised with each batch's own statistics."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (7, 4, 5, 3), dtype=np.uint8)
+    w = rng.normal(size=(1, 1, 3, 2)).astype(np.float32)
+    inp = keras.Input((4, 5, 3))
+    h = keras.layers.BatchNormalization(name="bn1")(inp)
+    h = keras.layers.Conv2D(2, 1, use_bias=False, name="mix")(h)
+    h = keras.layers.BatchNormalization(name="bn2")(h)
+    out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inp, out)
+    model.get_layer("mix").set_weights([w])
+    cb = train.precise_batchnorm_callback(x, batch_size=3, after="test")
+    cb.set_model(model)
+    cb.on_test_begin()
+
+    xf = x.astype(np.float64)
+    np.testing.assert_allclose(model.get_layer("bn1").moving_mean.numpy(), xf.mean((0, 1, 2)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(model.get_layer("bn1").moving_variance.numpy(), xf.var((0, 1, 2)),
+                               rtol=1e-4)
+    eps = model.get_layer("bn1").epsilon
+    ys = []
+    for start in range(0, 7, 3):
+        b = xf[start:start + 3]
+        z = (b - b.mean((0, 1, 2))) / np.sqrt(b.var((0, 1, 2)) + eps)   # gamma 1, beta 0
+        ys.append(z @ w[0, 0].astype(np.float64))
+    y = np.concatenate(ys)
+    np.testing.assert_allclose(model.get_layer("bn2").moving_mean.numpy(), y.mean((0, 1, 2)),
+                               atol=1e-5)
+    np.testing.assert_allclose(model.get_layer("bn2").moving_variance.numpy(), y.var((0, 1, 2)),
+                               rtol=1e-4)
+    # "epoch" mode waits for the epoch's end; a frozen layer is left alone
+    model.get_layer("bn1").trainable = False
+    before = model.get_layer("bn1").moving_mean.numpy().copy()
+    cb2 = train.precise_batchnorm_callback(x[:2] // 2, batch_size=3, after="epoch")
+    cb2.set_model(model)
+    cb2.on_test_begin()
+    np.testing.assert_array_equal(model.get_layer("bn1").moving_mean.numpy(), before)
+    cb2.on_epoch_end(0)
+    np.testing.assert_array_equal(model.get_layer("bn1").moving_mean.numpy(), before)
+    assert not np.allclose(model.get_layer("bn2").moving_mean.numpy(), y.mean((0, 1, 2)))
+
+
+def test_precise_bn_subset_is_seeded_and_sorted():
+    x = np.arange(50)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    a = train.precise_bn_images(x, 10, seed=3)
+    ids = a[:, 0, 0, 0].tolist()
+    assert len(ids) == 10 == len(set(ids)) and ids == sorted(ids)
+    np.testing.assert_array_equal(a, train.precise_bn_images(x, 10, seed=3))
+    assert train.precise_bn_images(x, 10, seed=4)[:, 0, 0, 0].tolist() != ids
+    assert train.precise_bn_images(x, 80, seed=3) is x and train.precise_bn_images(x, 0, 3) is x
+
+
 def test_channel_statistics_matches_numpy():
     x = np.random.default_rng(1).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
     mean, std = train.channel_statistics(x, chunk=3)
@@ -185,6 +242,26 @@ def test_finetune_run_folder(finetune_run, tiny_prepared):
     nll = -np.mean(np.log(np.clip(p[np.arange(len(va.y)), va.y], 1e-7, 1.0)))
     assert nll == pytest.approx(val_losses[best - 1], rel=1e-4, abs=1e-5)
     assert summary["val_loss"] == pytest.approx(val_losses[best - 1])
+
+
+def test_saved_model_holds_precise_batchnorm_statistics(finetune_run, tiny_prepared):
+    """The kept epoch's BatchNorm statistics were re-estimated with that epoch's weights before
+    its validation: re-estimating them again from the saved model changes nothing."""
+    run, _ = finetune_run
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["precise_bn"] == train.PRECISE_BN_IMAGES
+    model = keras.models.load_model(run / "model.keras")
+    bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(bns) == 5
+    saved = [(l.moving_mean.numpy().copy(), l.moving_variance.numpy().copy()) for l in bns]
+    tr = data.load_split(tiny_prepared, "train")
+    cb = train.precise_batchnorm_callback(
+        train.precise_bn_images(tr.x, cfg["precise_bn"], cfg["seed"]), cfg["global_batch_size"])
+    cb.set_model(model)
+    cb.on_test_begin()
+    for layer, (mean, var) in zip(bns, saved):
+        np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-3, atol=1e-5)
 
 
 def test_same_seed_same_history(finetune_run, tiny_prepared, tmp_path):
@@ -533,4 +610,7 @@ def test_mirrored_strategy_matches_single_device(tiny_prepared, tmp_path):
     assert res["single"]["replicas"] == 1 and res["mirrored"]["replicas"] == 2
     assert res["single"]["global"] == res["mirrored"]["global"] == 16
     np.testing.assert_allclose(res["mirrored"]["loss"], res["single"]["loss"], rtol=0.01)
-    np.testing.assert_allclose(res["mirrored"]["val_loss"], res["single"]["val_loss"], rtol=0.01)
+    # atol: the toy validation loss falls to ~3e-4, where a 1 % relative band is 3e-6 wide
+    # (measured difference at epoch 3: 4.1e-6).
+    np.testing.assert_allclose(res["mirrored"]["val_loss"], res["single"]["val_loss"], rtol=0.01,
+                               atol=2e-5)
