@@ -668,43 +668,93 @@ def _cosines(emb, labels):
     return cos[same & off_diag].mean(), cos[~same].mean()
 
 
-@pytest.mark.parametrize("name,fn", [
-    ("supcon", lambda y, f: losses.supcon_loss(y, f, temperature=0.1)),
-    ("npairs", lambda y, f: losses.npairs_loss(y, f, temperature=0.1)),
-    ("triplet_semi_hard", lambda y, f: losses.triplet_loss(y, f, 0.2, "semi_hard")),
-    ("triplet_batch_hard", lambda y, f: losses.triplet_loss(y, f, 0.2, "batch_hard")),
-    ("triplet_batch_all", lambda y, f: losses.triplet_loss(y, f, 0.2, "batch_all")),
-])
-def test_toy_encoder_pulls_classes_together_without_collapse(name, fn):
-    # Three classes of 2-D points on three rays (noisy blobs at 0, 120, 240 degrees), a tiny
-    # 2 -> 16 -> 8 tanh encoder from a fixed seed, 60 full-batch Adam steps.
-    # Three classes of 2-D points (noisy blobs at 0, 120, 240 degrees) and a tiny 2 -> 16 -> 8 ReLU
-    # encoder from a fixed seed. Like a real network at initialisation, its outputs share a large
-    # common component (bias b2), so every pair starts similar (intra ~0.93, inter ~0.38).
-    # 40 full-batch Adam steps must raise the intra-class cosine and push the inter-class cosine
-    # down; a collapsed embedding (the study's failure) would send both to 1.
-    rng = np.random.default_rng(7)
+TOY_LOSSES = {
+    "supcon": lambda y, f: losses.supcon_loss(y, f, temperature=0.1),
+    "npairs": lambda y, f: losses.npairs_loss(y, f, temperature=0.1),
+    "triplet_semi_hard": lambda y, f: losses.triplet_loss(y, f, 0.2, "semi_hard"),
+    "triplet_batch_hard": lambda y, f: losses.triplet_loss(y, f, 0.2, "batch_hard"),
+    "triplet_batch_all": lambda y, f: losses.triplet_loss(y, f, 0.2, "batch_all"),
+}
+
+
+def toy_encoder_runs(fn, seeds, steps=40, lr=0.05):
+    """Train one toy encoder per seed with loss ``fn``; return per-seed statistics (arrays).
+
+    Three classes of 2-D points (noisy blobs at 0, 120, 240 degrees, 16 each) and a 2 -> 16 -> 8
+    ReLU encoder. Like a real network at initialisation, its outputs share a large common
+    component (bias b2 = 1), so every pair starts similar (intra-class cosine ~0.95, inter ~0.6).
+    ``steps`` full-batch Adam steps. The seeds' encoders are trained side by side as one batched
+    model: Adam acts element-wise and each weight only gets its own seed's gradient, so this is
+    exactly S independent runs, traced once.
+
+    Returns:
+        dict of (S,) arrays: intra0, inter0, intra, inter (mean cosines before/after) and
+        loss_drop = (loss before - loss after) / |loss before|.
+    """
     labels = np.repeat(np.arange(3), 16)
     angles = np.radians(labels * 120.0)
-    x = np.stack([np.cos(angles), np.sin(angles)], 1) + rng.normal(0, 0.35, (48, 2))
-    x = x.astype(np.float32)
-    w1 = tf.Variable(rng.normal(0, 1.0, (2, 16)).astype(np.float32))
-    b1 = tf.Variable(np.full(16, 0.5, np.float32))
-    w2 = tf.Variable(rng.normal(0, 0.25, (16, 8)).astype(np.float32))
-    b2 = tf.Variable(np.full(8, 1.0, np.float32))
-    params = [w1, b1, w2, b2]
+    xs, w1, w2 = [], [], []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        xs.append(np.stack([np.cos(angles), np.sin(angles)], 1) + rng.normal(0, 0.35, (48, 2)))
+        w1.append(rng.normal(0, 1.0, (2, 16)))
+        w2.append(rng.normal(0, 0.25, (16, 8)))
+    n = len(seeds)
+    x = tf.constant(np.stack(xs), tf.float32)
+    params = [tf.Variable(np.stack(w1), dtype=tf.float32), tf.Variable(tf.fill((n, 1, 16), 0.5)),
+              tf.Variable(np.stack(w2), dtype=tf.float32), tf.Variable(tf.fill((n, 1, 8), 1.0))]
 
-    def encode(inputs):
-        return tf.matmul(tf.nn.relu(tf.matmul(inputs, w1) + b1), w2) + b2
+    def encode():
+        h = tf.nn.relu(tf.matmul(x, params[0]) + params[1])
+        return tf.matmul(h, params[2]) + params[3]                       # (S, 48, 8)
 
-    intra0, inter0 = _cosines(encode(x).numpy(), labels)
-    loss0 = float(fn(labels, encode(x)))
-    opt = keras.optimizers.Adam(0.05)
-    for _ in range(40):
+    def per_seed_loss(emb):
+        return tf.stack([fn(labels, emb[i]) for i in range(n)])
+
+    opt = keras.optimizers.Adam(lr)
+
+    @tf.function
+    def step():
         with tf.GradientTape() as tape:
-            value = fn(labels, encode(x))
-        opt.apply_gradients(zip(tape.gradient(value, params), params))
-    intra1, inter1 = _cosines(encode(x).numpy(), labels)
-    assert float(fn(labels, encode(x))) < loss0
-    assert intra1 > intra0 and inter1 < inter0 - 0.2, (name, intra0, intra1, inter0, inter1)
-    assert intra1 > 0.9 and inter1 < 0.1, (name, intra1, inter1)     # separated, not collapsed
+            total = tf.reduce_sum(per_seed_loss(encode()))
+        opt.apply_gradients(zip(tape.gradient(total, params), params))
+
+    before = encode().numpy()
+    loss0 = per_seed_loss(encode()).numpy()
+    for _ in range(steps):
+        step()
+    after = encode().numpy()
+    loss1 = per_seed_loss(encode()).numpy()
+    c0 = np.array([_cosines(e, labels) for e in before])
+    c1 = np.array([_cosines(e, labels) for e in after])
+    return {"intra0": c0[:, 0], "inter0": c0[:, 1], "intra": c1[:, 0], "inter": c1[:, 1],
+            "loss_drop": (loss0 - loss1) / np.abs(loss0)}
+
+
+@pytest.mark.parametrize("name", list(TOY_LOSSES))
+def test_toy_encoder_pulls_classes_together_without_collapse(name):
+    """Training with each loss separates the classes instead of collapsing (the study's failure:
+    its losses ignored the labels, and every embedding drifted to one point, cosine 1).
+
+    One toy run can collapse or stall by itself (a bad start: batch-hard triplets from a few
+    seeds end at inter-class cosine 0.998), so the statistic asserted is the MEDIAN over seeds
+    0-4 of each quantity. Its distribution, measured as the medians of 10 disjoint groups of 5
+    seeds out of seeds 0-49 (``python benchmarks/seed_spread.py toy-losses``; TF 2.21 CPU, the
+    same figures to 3 decimals with oneDNN on and off), min [per-loss medians] max over the five
+    losses and ten groups, and the threshold set beyond the worst group by the margin:
+
+                                         min    per-loss medians   max     threshold (margin)
+        drop of the inter-class cosine   0.551  0.61 to 0.99       1.119   >= 0.40 (0.15)
+        inter-class cosine after         -0.421 -0.35 to -0.04     0.104   <= 0.25 (0.15)
+        intra-class cosine after         0.958  0.96 to 0.99       0.995   >= 0.93 (0.03)
+        relative loss drop               0.086  0.12 to 1.00       1.000   >= 0.04 (0.05)
+
+    Single runs span -0.43 ... 1.31 for the drop: one seed is not a test.
+    A collapsed embedding would give an inter-class cosine near 1 and a drop near 0 or negative.
+    """
+    r = toy_encoder_runs(TOY_LOSSES[name], seeds=range(5))
+    med = {k: float(np.median(v)) for k, v in r.items()}
+    assert float(np.median(r["inter0"] - r["inter"])) >= 0.40, (name, r)
+    assert med["inter"] <= 0.25, (name, r)
+    assert med["intra"] >= 0.93, (name, r)
+    assert med["loss_drop"] >= 0.04, (name, r)
