@@ -335,3 +335,37 @@ def test_numeric_flags_are_checked_before_any_work(argv, flag, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag in err
+
+
+def test_tested_versions_and_untested_notes(tmp_path):
+    """The constraints file is the one home of the tested versions; eval and report name every
+    library of a run that differs from it (Python on major.minor)."""
+    f = tmp_path / "c.txt"
+    f.write_text("# header\n# tested-python: 3.11\nKeras==3.15.1\nscikit_learn==1.9.1\n"
+                 "numpy==2.4.6 ; python_version >= '3.11'\n")
+    tested = cdata.tested_versions(f)
+    assert tested == {"python": "3.11", "keras": "3.15.1", "scikit-learn": "1.9.1", "numpy": "2.4.6"}
+    run = {"python": "3.11.9", "keras": "3.14.0", "scikit-learn": "1.9.1", "numpy": "2.4.6",
+           "tensorflow": "2.21.0"}                          # tensorflow: not in this tested set
+    assert cdata.untested_versions(run, tested) == ["keras 3.14.0 (tested 3.15.1)"]
+    assert cdata.untested_versions({**run, "python": "3.12.1", "keras": "3.15.1"}, tested) == [
+        "python 3.12.1 (tested 3.11)"]
+    assert cdata.untested_versions(None, tested) == [] and cdata.tested_versions(tmp_path / "no") == {}
+    # the shipped file pins every library that shapes a result
+    shipped = cdata.tested_versions()
+    assert set(cdata.RESULT_LIBRARIES) | {"python"} <= set(shipped)
+
+
+def test_eval_and_report_name_untested_versions(tiny_run, tmp_path, capsys):
+    config = json.loads((tiny_run / "config.json").read_text())
+    tested = cdata.tested_versions()
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / "model.keras").write_bytes((tiny_run / "model.keras").read_bytes())
+    (old / "config.json").write_text(json.dumps({**config, "versions": {**tested, "keras": "3.0.0"}}))
+    s = R.evaluate_run(old, n_boot=0)
+    notes = s["meta"]["untested_versions"]
+    assert f"trained with keras 3.0.0 (tested {tested['keras']})" in notes
+    assert "note: versions other than the tested ones" in R.format_eval(s)
+    report = R.build_report([old], tmp_path / "rep").read_text()
+    assert f"old_run: trained with keras 3.0.0 (tested {tested['keras']})" in report

@@ -277,6 +277,12 @@ def test_constant_maps_leave_the_check_undetermined(tiny_model, blob_images):
 
 
 def test_gradcam_passes_the_check(tiny_model, blob_images):
+    """Grad-CAM on an untrained net passes the randomisation check (its maps follow the weights).
+
+    Seed dependence, measured over 20 model seeds x 2 check seeds: final similarity median 0.00,
+    min -0.39, max 0.67, below the 0.9 threshold by 0.23 at worst; 38 passed, 2 undetermined
+    (a net whose ReLUs are all dead gives constant maps), none failed.
+    """
     cams = pytest.importorskip("cervical.cams")
 
     def method(model, images, classes):
