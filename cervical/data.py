@@ -32,6 +32,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from cervical import files
+
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MIN_SIDE = 8                    # smaller crops carry no usable cell (1x1 images are bad input)
@@ -518,36 +520,6 @@ def load_split(data_dir: os.PathLike, split: str = "train") -> Split:
                  sources=[r["source"] for r in rows])
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def write_json(path: os.PathLike, obj) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
-                                     + "\n").encode())
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(arr).save(path, format="PNG", compress_level=1)
-
-
 def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: Sequence[str],
                    info: Optional[dict] = None, save_images: bool = True) -> None:
     """Write a prepared dataset folder from arrays (used by ``prepare`` and by test fixtures).
@@ -602,10 +574,11 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
             mrel = f"masks/{split}/{cname}/{fname}" if masks is not None else ""
             if save_images:
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                _save_png(out / rel, x[i])
+                files.save_png(out / rel, x[i], compress_level=1)
                 if masks is not None:
                     (out / mrel).parent.mkdir(parents=True, exist_ok=True)
-                    _save_png(out / mrel, np.asarray(masks[i], dtype=np.uint8))
+                    files.save_png(out / mrel, np.asarray(masks[i], dtype=np.uint8),
+                                   compress_level=1)
             rows.append({"path": rel, "class_name": cname, "label": int(y[i]), "group": groups[i],
                          "split": split, "source": sources[i], "augmented": int(bool(aug[i])),
                          "source_class": src_cls[i], "stem": stems[i], "mask": mrel})
@@ -623,8 +596,8 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
     if any_x is not None:
         meta["image_size"] = int(np.asarray(any_x).shape[1])
     meta.update(info or {})
-    meta.setdefault("versions", library_versions())
-    write_json(out / "dataset.json", meta)
+    meta.setdefault("versions", files.library_versions())
+    files.write_json(out / "dataset.json", meta)
 
 
 def _png_name(stem: str, source_class: str, class_name: str) -> str:
@@ -651,80 +624,6 @@ def _check_unique_paths(splits: Dict[str, dict], class_names: Sequence[str]) -> 
                                 f"both be written to {rel} (stem {stems[i]!r}, source class "
                                 f"{src_cls[i]!r}); give every row a unique (source class, stem)")
             seen[rel] = i
-
-
-#: Libraries whose versions can change a result (recorded in every dataset.json and config.json).
-RESULT_LIBRARIES = ("numpy", "scipy", "scikit-learn", "scikit-image", "pillow", "tensorflow",
-                    "keras", "matplotlib")
-
-#: The versions the test suite and the README's figures were measured with (pip constraints file).
-CONSTRAINTS_FILE = Path(__file__).with_name("constraints.txt")
-
-
-def library_versions() -> Dict[str, str]:
-    """Versions of Python and the libraries that shape results (without importing TensorFlow)."""
-    import platform
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "cervical": __import__("cervical").__version__}
-    for pkg in RESULT_LIBRARIES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _canonical(name: str) -> str:
-    """PEP 503 project-name normalisation: 'Scikit_Learn' -> 'scikit-learn'."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def tested_versions(path: os.PathLike = CONSTRAINTS_FILE) -> Dict[str, str]:
-    """{library: version} of the tested release set, read from the pip constraints file.
-
-    Lines ``name==version`` give the libraries; the header line ``# tested-python: 3.11`` gives
-    "python" (major.minor). Returns {} when the file is missing (e.g. a stripped install).
-    """
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return {}
-    out: Dict[str, str] = {}
-    for line in lines:
-        line = line.strip()
-        if line.startswith("# tested-python:"):
-            out["python"] = line.split(":", 1)[1].strip()
-        elif line and not line.startswith("#") and "==" in line:
-            name, version = line.split("==", 1)
-            out[_canonical(name)] = version.split(";")[0].strip()
-    return out
-
-
-def untested_versions(versions: Optional[Dict[str, str]],
-                      tested: Optional[Dict[str, str]] = None) -> List[str]:
-    """Which of a run's library versions differ from the tested ones, as readable strings.
-
-    Python is compared on major.minor, every other library of ``RESULT_LIBRARIES`` exactly.
-
-    Args:
-        versions: {library: version} as recorded by :func:`library_versions` (None: nothing known).
-        tested: the tested set (default: :func:`tested_versions`).
-    Returns:
-        e.g. ["keras 3.14.0 (tested 3.15.1)"]; [] when everything matches or nothing is known.
-    """
-    tested = tested_versions() if tested is None else tested
-    if not versions or not tested:
-        return []
-    out = []
-    for name in ("python",) + RESULT_LIBRARIES:
-        have, want = versions.get(name), tested.get(name)
-        if have is None or want is None:
-            continue
-        same = (have.split(".")[:2] == want.split(".")[:2]) if name == "python" else have == want
-        if not same:
-            out.append(f"{name} {have} (tested {want})")
-    return out
 
 
 def fingerprint_files(paths: Iterable[os.PathLike], root: os.PathLike) -> str:
@@ -1253,7 +1152,7 @@ def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, 
 
     sizes = size_analysis(widths, heights)
     save_dataset_figures(stage / "analysis", widths, heights, labels, class_names, images, seed)
-    write_json(stage / "analysis" / "size_analysis.json", sizes)
+    files.write_json(stage / "analysis" / "size_analysis.json", sizes)
     fingerprint = fingerprint_files(
         [r.path for r in records] + [p for r in records for p in (r.nucleus, r.cytoplasm,
                                                                   r.mask_image) if p is not None]
@@ -1273,7 +1172,7 @@ def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, 
         "image_size": size, "resize": resize, "interpolation": interpolation,
         "split": split if split_kind != "manifest" else f"manifest:{manifest_csv.name}",
         "seed": seed, "augment": augment, "size_analysis": sizes, "fingerprint": fingerprint,
-        "skipped": len(skipped), "generated": generated, "versions": library_versions(),
+        "skipped": len(skipped), "generated": generated, "versions": files.library_versions(),
     }
     # Offline augmentation: each train image's copies depend only on (seed, class, stem), so the
     # same cell gets the same copies whatever the split or fold.
@@ -1325,7 +1224,7 @@ def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, 
             f"{final_path(r.path)}\t{msg.replace(str(r.path), str(final_path(r.path)))}\n"
             for r, msg in skipped))
     if folds:
-        write_json(stage / "folds.json", {"folds": folds, "class_names": class_names,
+        files.write_json(stage / "folds.json", {"folds": folds, "class_names": class_names,
                                           "fold_dirs": [f"fold_{k}" for k in range(folds)],
                                           **{k: v for k, v in base_info.items()}})
     summary = dict(fold_summaries[0]) if not folds else {

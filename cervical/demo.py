@@ -119,7 +119,7 @@ def run_demo(out: os.PathLike = "outputs/demo", quick: bool = False, seed: int =
         "run"}}, "chance_accuracy", "cam" {method: {"nucleus_energy", "chance_nucleus_area"}},
         "sanity" {method: passed}, "report" (path of report.md).
     """
-    from cervical import data   # TensorFlow only after prepare, so its worker pool can fork
+    from cervical import data, files   # TensorFlow only after prepare: its worker pool can fork
 
     out = Path(out)
     sizes = dict(QUICK_SIZES if quick else DEMO_SIZES)
@@ -127,7 +127,7 @@ def run_demo(out: os.PathLike = "outputs/demo", quick: bool = False, seed: int =
     prog = progress or (lambda prefix: None)
     seconds: Dict[str, float] = {}
     marker = {"quick": quick, "seed": seed, "sizes": sizes, "finished": False}
-    data.write_json(out / _MARKER, marker)
+    files.write_json(out / _MARKER, marker)
 
     def step(name: str, title: str) -> float:
         say(f"\n== {name}: {title}")
@@ -208,7 +208,7 @@ def run_demo(out: os.PathLike = "outputs/demo", quick: bool = False, seed: int =
               "runs": results, "chance_accuracy": 1.0 / n_classes if n_classes else None,
               "cam": cam, "sanity": sanity, "explain_dir": ex["out_dir"],
               "report": str(report_path), "finished": True}
-    data.write_json(out / _MARKER, result)
+    files.write_json(out / _MARKER, result)
     return result
 
 

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from cervical import metrics
+from cervical import files, metrics
 
 __all__ = [
     "ReportError",
@@ -546,8 +546,8 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
         "seed": int(seed),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": config.get("versions"),
-        "eval_versions": cdata.library_versions(),
-        "untested_versions": untested_version_notes(config.get("versions"), cdata.library_versions()),
+        "eval_versions": files.library_versions(),
+        "untested_versions": untested_version_notes(config.get("versions"), files.library_versions()),
     }
 
     if out_dir is None:
@@ -580,11 +580,9 @@ def untested_version_notes(train_versions: Optional[dict], eval_versions: Option
     """Libraries of a run (trained with ``train_versions``, evaluated with ``eval_versions``) whose
     versions differ from the tested set of ``cervical/constraints.txt``, e.g.
     ["trained with keras 3.14.0 (tested 3.15.1)"]. Empty when both match (or nothing is recorded)."""
-    from cervical import data as cdata
-
-    tested = cdata.tested_versions()
-    notes = [f"trained with {d}" for d in cdata.untested_versions(train_versions, tested)]
-    notes += [f"evaluated with {d}" for d in cdata.untested_versions(eval_versions, tested)]
+    tested = files.tested_versions()
+    notes = [f"trained with {d}" for d in files.untested_versions(train_versions, tested)]
+    notes += [f"evaluated with {d}" for d in files.untested_versions(eval_versions, tested)]
     return notes
 
 

@@ -43,7 +43,6 @@ import io
 import json
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -51,34 +50,29 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from cervical import data as cdata
-from cervical import models
+from cervical import files, fitting, losses, models
+from cervical.fitting import TrainError
 
 __all__ = ["TrainError", "TrainConfig", "REGIMES", "CONTRASTIVE_LOSS_NAMES", "STRATEGIES",
            "MONITORS", "train", "format_summary", "make_train_dataset", "make_eval_dataset",
            "augment_images", "channel_statistics", "load_class_weights", "load_cost_matrix",
-           "make_strategy", "default_weights"]
+           "make_strategy", "default_weights", "heldout_signature"]
 
 REGIMES = ("finetune", "cost-sensitive", "contrastive", "baseline")
 CONTRASTIVE_LOSS_NAMES = ("npairs", "supcon", "triplet")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 MONITORS = ("val_loss", "val_accuracy")
-TRIPLET_MINING = ("semi_hard", "batch_hard", "batch_all")
+TRIPLET_MINING = losses.TRIPLET_MINING
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
 CONTRASTIVE_COLUMNS = ("epoch", "loss")
-PLATEAU_MIN_DELTA = 1e-4     # keras ReduceLROnPlateau's default min_delta (the study's callback)
 PRECISE_BN_IMAGES = 1024     # training images behind each BatchNorm re-estimate (PreciseBatchNorm)
 
 # Fields that define a run: a resumed run must agree with the saved config on all of them.
 _RUN_FIELDS = ("data", "model", "regime", "variant", "weights", "freeze", "epochs", "batch_size",
                "lr", "patience", "lr_patience", "lr_factor", "min_lr", "monitor", "class_weights",
                "cost_matrix", "init", "loss", "temperature", "margin", "mining",
-               "contrastive_epochs", "contrastive_lr", "projection_dim", "online_augment", "precise_bn",
-               "seed",
-               "deterministic", "mixed_precision")
-
-
-class TrainError(ValueError):
-    """Bad training argument or a failed run; the message is one line naming the cause and the fix."""
+               "contrastive_epochs", "contrastive_lr", "projection_dim", "online_augment",
+               "precise_bn", "seed", "deterministic", "mixed_precision")
 
 
 @dataclasses.dataclass
@@ -190,6 +184,14 @@ def _check_number(name: str, value, low: float, integer: bool = False, allow_low
 def _validate(cfg: TrainConfig) -> TrainConfig:
     """Check choices and numbers; fill the regime-dependent defaults. Returns a new config."""
     c = dataclasses.replace(cfg)
+    _check_choices(c)
+    _check_numbers(c)
+    _regime_defaults(c)
+    _resolve_paths(c)
+    return c
+
+
+def _check_choices(c: TrainConfig) -> None:
     if c.regime not in REGIMES:
         raise TrainError(f"--regime {c.regime!r}: unknown; choose one of {', '.join(REGIMES)}")
     if c.model is None and not c.init:
@@ -197,24 +199,26 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if c.model is not None and c.model not in models.MODEL_NAMES:
         raise TrainError(f"--model {c.model!r}: unknown; choose one of "
                          f"{', '.join(models.MODEL_NAMES)}")
-    if c.variant not in models.VARIANTS:
-        raise TrainError(f"--variant {c.variant!r}: unknown; choose one of "
-                         f"{', '.join(models.VARIANTS)}")
-    if c.freeze not in ("auto", "study", "none"):
-        raise TrainError(f"--freeze {c.freeze!r}: choose auto, study or none")
-    if c.monitor not in MONITORS:
-        raise TrainError(f"--monitor {c.monitor!r}: choose one of {', '.join(MONITORS)}")
-    if c.strategy not in STRATEGIES:
-        raise TrainError(f"--strategy {c.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    if c.mining not in TRIPLET_MINING:
-        raise TrainError(f"--mining {c.mining!r}: choose one of {', '.join(TRIPLET_MINING)}")
-    c.epochs = _check_number("epochs", c.epochs, 1, integer=True)
-    c.batch_size = _check_number("batch-size", c.batch_size, 1, integer=True)
-    c.patience = _check_number("patience", c.patience, 0, integer=True)
-    c.lr_patience = _check_number("lr-patience", c.lr_patience, 0, integer=True)
-    c.contrastive_epochs = _check_number("contrastive-epochs", c.contrastive_epochs, 1, integer=True)
-    c.projection_dim = _check_number("projection-dim", c.projection_dim, 1, integer=True)
-    c.seed = _check_number("seed", c.seed, 0, integer=True)
+    for flag, value, allowed in (("variant", c.variant, models.VARIANTS),
+                                 ("freeze", c.freeze, ("auto", "study", "none")),
+                                 ("monitor", c.monitor, MONITORS),
+                                 ("strategy", c.strategy, STRATEGIES),
+                                 ("mining", c.mining, TRIPLET_MINING)):
+        if value not in allowed:
+            raise TrainError(f"--{flag} {value!r}: unknown; choose one of {', '.join(allowed)}")
+    if c.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise TrainError("--tensorboard: the tensorboard package is not installed; "
+                             "'pip install tensorboard' or drop --tensorboard")
+
+
+def _check_numbers(c: TrainConfig) -> None:
+    for name in ("epochs", "batch_size", "contrastive_epochs", "projection_dim"):
+        setattr(c, name, _check_number(name.replace("_", "-"), getattr(c, name), 1, integer=True))
+    for name in ("patience", "lr_patience", "seed"):
+        setattr(c, name, _check_number(name.replace("_", "-"), getattr(c, name), 0, integer=True))
     c.lr_factor = _check_number("lr-factor", c.lr_factor, 0.0, allow_low=False)
     if c.lr_factor >= 1:
         raise TrainError(f"--lr-factor {c.lr_factor}: must be < 1 (the study used 0.2)")
@@ -225,10 +229,13 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if c.lr is None:
         c.lr = 1e-3 if c.regime in ("finetune", "cost-sensitive") else 1e-4
     c.lr = _check_number("lr", c.lr, 0.0, allow_low=False)
+    if c.precise_bn is not None:      # None: chosen once the variant is known (--init)
+        c.precise_bn = _check_number("precise-bn", c.precise_bn, 0, integer=True)
     c.verbose = int(c.verbose)
-    if c.precise_bn is None:
-        c.precise_bn = 0 if c.variant == "thesis" else PRECISE_BN_IMAGES
-    c.precise_bn = _check_number("precise-bn", c.precise_bn, 0, integer=True)
+
+
+def _regime_defaults(c: TrainConfig) -> None:
+    """The loss, class-weight and --init rules of each regime."""
     if c.regime == "contrastive":
         c.loss = c.loss or "supcon"
         if c.loss not in CONTRASTIVE_LOSS_NAMES:
@@ -245,12 +252,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         c.class_weights = "none" if c.cost_matrix else "train"
     if c.init and c.regime not in ("finetune", "cost-sensitive"):
         raise TrainError("--init: only for --regime finetune or cost-sensitive (continue a run)")
-    if c.tensorboard:
-        import importlib.util
 
-        if importlib.util.find_spec("tensorboard") is None:
-            raise TrainError("--tensorboard: the tensorboard package is not installed; "
-                             "'pip install tensorboard' or drop --tensorboard")
+
+def _resolve_paths(c: TrainConfig) -> None:
     c.data = str(Path(c.data).expanduser().resolve())
     c.out = str(Path(c.out).expanduser().absolute())
     if c.init:
@@ -259,7 +263,6 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         c.cost_matrix = str(Path(c.cost_matrix).expanduser().resolve())
     if c.class_weights not in (None, "train", "thesis", "none"):
         c.class_weights = str(Path(c.class_weights).expanduser().resolve())
-    return c
 
 
 # ------------------------------------------------------------------------------------------------
@@ -596,32 +599,6 @@ class _Session:
 # Run folder helpers
 # ------------------------------------------------------------------------------------------------
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in r.items()})
-    _atomic_text(path, buf.getvalue())
-
-
-def _git_commit() -> Optional[str]:
-    """HEAD commit of the repository holding this package, or None."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and len(commit) == 40 else None
-
-
 def _prepare_run_folder(cfg: TrainConfig) -> Tuple[Path, Optional[dict]]:
     """Create (or reopen with ``resume``) the run folder; return (folder, saved config or None)."""
     out = Path(cfg.out)
@@ -662,369 +639,6 @@ def _prepare_run_folder(cfg: TrainConfig) -> Tuple[Path, Optional[dict]]:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     return out, None
 
-
-class _Log:
-    """Appends timestamped lines to RUN/train.log."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __call__(self, line: str) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
-
-
-# ------------------------------------------------------------------------------------------------
-# Callbacks: control (early stopping, plateau, best, NaN) and per-epoch checkpoints
-# ------------------------------------------------------------------------------------------------
-
-def _make_callbacks():
-    import keras
-
-    class Control(keras.callbacks.Callback):
-        """Early stopping, LR-on-plateau, best-epoch tracking and a NaN guard, with saveable state.
-
-        The rules are keras' EarlyStopping (min_delta 0) and ReduceLROnPlateau (min_delta 1e-4,
-        cooldown 0), the study's callbacks, written out so that their state can be checkpointed:
-
-          improved_es  = v < best       (val_accuracy: v > best);  es_wait = 0 if improved else +1;
-                         stop when es_wait >= patience (patience 0: never)
-          improved_lr  = v < lr_best - 1e-4;  lr_wait = 0 if improved else +1; when lr_wait >=
-                         lr_patience and lr > min_lr: lr = max(lr * factor, min_lr), lr_wait = 0
-          best epoch   = the first epoch with the best v (its weights are restored at the end).
-        """
-
-        def __init__(self, monitor: Optional[str], patience: int, lr_patience: int,
-                     lr_factor: float, min_lr: float) -> None:
-            super().__init__()
-            self.monitor, self.patience, self.lr_patience = monitor, patience, lr_patience
-            self.lr_factor, self.min_lr = lr_factor, min_lr
-            self.sign = -1.0 if monitor == "val_accuracy" else 1.0   # minimise sign * v
-            self.state = {"best": None, "best_epoch": None, "es_wait": 0, "lr_best": None,
-                          "lr_wait": 0, "stopped_epoch": None}
-            self.nan: Optional[str] = None
-            self.epoch = 0
-            self.improved = False
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-            self.improved = False
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            lr = float(np.asarray(self.model.optimizer.learning_rate))
-            logs["lr"] = float(f"{lr:.7g}")       # the float32 value, without float64 noise
-            bad = [k for k in ("loss", self.monitor) if k and k in logs
-                   and not math.isfinite(float(logs[k]))]
-            if self.nan is None and bad:
-                self.nan = f"epoch {epoch + 1} ({bad[0]} = {logs[bad[0]]})"
-            if self.nan is not None:
-                self.model.stop_training = True
-                return
-            if self.monitor is None:
-                return
-            v = self.sign * float(logs[self.monitor])
-            s = self.state
-            if s["best"] is None or v < s["best"]:
-                s["best"], s["best_epoch"], s["es_wait"] = v, epoch, 0
-                self.improved = True
-            else:
-                s["es_wait"] += 1
-                if self.patience and s["es_wait"] >= self.patience:
-                    s["stopped_epoch"] = epoch
-                    self.model.stop_training = True
-            if self.lr_patience:
-                if s["lr_best"] is None or v < s["lr_best"] - PLATEAU_MIN_DELTA:
-                    s["lr_best"], s["lr_wait"] = v, 0
-                else:
-                    s["lr_wait"] += 1
-                    if s["lr_wait"] >= self.lr_patience:
-                        if lr > float(np.float32(self.min_lr)):
-                            self.model.optimizer.learning_rate = max(lr * self.lr_factor,
-                                                                     self.min_lr)
-                        s["lr_wait"] = 0
-
-    class Checkpoint(keras.callbacks.Callback):
-        """After every good epoch: variables + optimizer state, history, control state (atomic)."""
-
-        def __init__(self, folder: Path, control, rows: List[dict], columns: Sequence[str],
-                     history_path: Path, log, phase: str) -> None:
-            super().__init__()
-            self.folder, self.control, self.rows, self.columns = folder, control, rows, columns
-            self.history_path, self.log, self.phase = history_path, log, phase
-            self.t0 = time.time()
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t0 = time.time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            if self.control.nan is not None:
-                return
-            logs = logs or {}
-            row = {"epoch": epoch + 1}
-            for k in self.columns[1:]:
-                if k in logs:
-                    row[k] = float(logs[k])
-            row["seconds"] = time.time() - self.t0       # kept in state.json, not in the CSV
-            self.rows.append(row)
-            _save_variables(self.folder / f"epoch_{epoch + 1}.npz", self.model, optimizer=True)
-            if self.control.improved:
-                _save_variables(self.folder / "best.npz", self.model, optimizer=False)
-            _write_json_atomic(self.folder / "state.json", {
-                "phase": self.phase, "epochs_done": epoch + 1, "history": self.rows,
-                "control": self.control.state, "stopped": bool(self.model.stop_training),
-                "finished": False})
-            for old in self.folder.glob("epoch_*.npz"):
-                if old.name != f"epoch_{epoch + 1}.npz":
-                    old.unlink()
-            _write_csv(self.history_path, self.columns, self.rows)
-            metrics = " ".join(f"{k}={row[k]:.4g}" for k in self.columns[1:] if k in row)
-            self.log(f"{self.phase} epoch {epoch + 1}: {metrics} ({row['seconds']:.1f} s)")
-
-    return Control, Checkpoint
-
-
-def precise_batchnorm_callback(images: np.ndarray, batch_size: int, after: str = "test"):
-    """A Keras callback that re-estimates BatchNorm population statistics from ``images``.
-
-    Why: a BatchNormalization layer normalises with the statistics of the current batch while
-    training, but at inference with exponential moving averages of past batch statistics
-    (momentum m: mu <- m mu + (1 - m) mu_batch). When the weights change fast (a network trained
-    from scratch at lr 1e-3, a small dataset, few steps per epoch) those averages still describe
-    the weights of many steps ago, so the validation score, computed with them, measures a model
-    that never existed: tiny's validation accuracy swung by up to 30 points between epochs (demo,
-    seed 42: 0.46, 0.54, 0.38, 0.71, 0.44) while the same weights scored a steady 0.65, 0.66, 0.75,
-    0.73, 0.72 with re-estimated statistics, and which epoch early stopping kept then depended on
-    rounding differences between machines. PreciseBN (Wu & Johnson, "Rethinking 'Batch' in
-    BatchNorm", 2021, section 3) replaces the averages by the population statistics of a fixed
-    set of training images under the current weights:
-
-        mu_l = E[x_l],  sigma^2_l = E[x_l^2] - mu_l^2
-
-    over every image and position of the input x_l of each trainable BatchNorm layer l, with the
-    layers before it in training mode (as when the statistics were collected by the averages).
-
-    Args:
-        images: uint8 (N, H, W, 3) training images (a fixed subset; raw pixels, as the model takes).
-        batch_size: images per forward pass.
-        after: "test" re-estimates before every validation (``on_test_begin``, so the validation
-            score, the best-epoch choice and the checkpoint all use the new statistics), "epoch"
-            at the end of every epoch (phases without validation, e.g. contrastive phase 1).
-    Returns:
-        a keras.callbacks.Callback; it does nothing on a model without trainable BatchNorm layers.
-    """
-    import keras
-    import tensorflow as tf
-
-    class PreciseBatchNorm(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self._moments = None
-            self._layers = None
-
-        def _build(self) -> None:
-            self._layers = [layer for layer in self.model.layers
-                            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
-            if not self._layers:
-                return
-            probe = keras.Model(self.model.inputs, [layer.input for layer in self._layers])
-            axes = [[a for a in range(len(layer.input.shape)) if a != layer.axis % len(layer.input.shape)]
-                    for layer in self._layers]
-
-            @tf.function(reduce_retracing=True)
-            def moments(x):
-                outs = probe(x, training=True)
-                outs = outs if isinstance(outs, (list, tuple)) else [outs]
-                out = []
-                for o, ax in zip(outs, axes):
-                    o = tf.cast(o, tf.float32)
-                    out.append((tf.reduce_mean(o, ax), tf.reduce_mean(tf.square(o), ax)))
-                return out
-
-            self._moments = moments
-
-        def recalibrate(self) -> None:
-            if self._layers is None:
-                self._build()
-            if not self._layers:
-                return
-            sums = None
-            for start in range(0, len(images), batch_size):
-                batch = images[start:start + batch_size]
-                w = len(batch) / len(images)
-                stats = self._moments(tf.constant(batch, tf.float32))
-                part = [(w * m.numpy().astype(np.float64), w * q.numpy().astype(np.float64))
-                        for m, q in stats]
-                sums = part if sums is None else [(a + c, b + d) for (a, b), (c, d) in zip(sums, part)]
-            for layer, (mean, mean_sq) in zip(self._layers, sums):
-                layer.moving_mean.assign(mean.astype(np.float32))
-                layer.moving_variance.assign(np.maximum(mean_sq - mean ** 2, 0.0).astype(np.float32))
-
-        def on_test_begin(self, logs=None):
-            if after == "test":
-                self.recalibrate()
-
-        def on_epoch_end(self, epoch, logs=None):
-            if after == "epoch":
-                self.recalibrate()
-
-    return PreciseBatchNorm()
-
-
-def precise_bn_images(x: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """The fixed training subset behind PreciseBatchNorm: ``n`` images drawn without replacement
-    with ``seed`` (all of them when there are fewer), in file order."""
-    if n <= 0 or len(x) <= n:
-        return x
-    idx = np.sort(np.random.default_rng([int(seed), 7]).choice(len(x), n, replace=False))
-    return x[idx]
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    cdata.write_json(path, obj)
-
-
-def _variables(model, optimizer: bool) -> list:
-    out = list(model.variables)
-    if optimizer and model.optimizer is not None:
-        out += list(model.optimizer.variables)
-    return out
-
-
-def _save_variables(path: Path, model, optimizer: bool) -> None:
-    """Every model variable (weights, BN statistics, RNG states) [+ optimizer state] to .npz."""
-    arrays = {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(_variables(model, optimizer))}
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def _load_variables(path: Path, model, optimizer: bool) -> None:
-    if optimizer and model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    variables = _variables(model, optimizer)
-    with np.load(path) as f:
-        keys = sorted(f.files)
-        if len(keys) != len(variables):
-            raise TrainError(f"--resume: checkpoint {path} holds {len(keys)} variables, the model "
-                             f"{len(variables)}; it belongs to another model, start a new --out")
-        for v, k in zip(variables, keys):
-            value = f[k]
-            if tuple(value.shape) != tuple(v.shape):
-                raise TrainError(f"--resume: checkpoint {path} does not match the model; start a "
-                                 f"new --out")
-            v.assign(value)
-
-
-# ------------------------------------------------------------------------------------------------
-# One training phase (fit with checkpoints, resume, selection)
-# ------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class _PhaseResult:
-    rows: List[dict]
-    best_epoch: Optional[int]       # 1-based
-    epochs_run: int
-
-    @property
-    def epoch_seconds(self) -> Optional[float]:
-        """Median seconds per epoch (robust to the first epoch's graph tracing)."""
-        times = [r["seconds"] for r in self.rows if "seconds" in r]
-        return float(np.median(times)) if times else None
-
-
-def _run_phase(model, phase: str, run: Path, dataset_fn, steps: int, val_ds, epochs: int,
-               monitor: Optional[str], patience: int, lr_patience: int, lr_factor: float,
-               min_lr: float, columns: Sequence[str], history_path: Path, cfg: TrainConfig,
-               log, extra_callbacks: Sequence, precise_bn: Sequence = ()) -> _PhaseResult:
-    """Fit ``model`` (compiled) for a phase, resuming from RUN/checkpoints/<phase> when present.
-
-    Monitor None (contrastive phase 1): no validation, no early stopping or schedule; the last
-    epoch is kept. Otherwise the best epoch on ``monitor`` is restored at the end.
-    """
-    import keras
-
-    folder = run / "checkpoints" / phase
-    folder.mkdir(parents=True, exist_ok=True)
-    Control, Checkpoint = _make_callbacks()
-    control = Control(monitor, patience if monitor else 0, lr_patience if monitor else 0,
-                      lr_factor, min_lr)
-    rows: List[dict] = []
-    start, stopped = 0, False
-    state_file = folder / "state.json"
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        rows = list(state["history"])
-        control.state.update(state["control"])
-        start, stopped = int(state["epochs_done"]), bool(state["stopped"])
-        if state.get("finished"):
-            _load_variables(folder / "final.npz", model, optimizer=False)
-            best = control.state["best_epoch"]
-            return _PhaseResult(rows, None if best is None else best + 1, start)
-        _load_variables(folder / f"epoch_{start}.npz", model, optimizer=True)
-        log(f"{phase}: resuming after epoch {start}")
-    if start < epochs and not stopped:
-        callbacks = list(precise_bn) + [control, Checkpoint(folder, control, rows, columns,
-                                                            history_path, log, phase)]
-        if cfg.tensorboard:
-            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard" / phase)))
-        callbacks += list(extra_callbacks)
-        model.fit(dataset_fn(start, epochs), validation_data=val_ds if monitor else None,
-                  epochs=epochs, initial_epoch=start, steps_per_epoch=steps,
-                  callbacks=callbacks, verbose=cfg.verbose, shuffle=False)
-    if control.nan is not None:
-        done = len(rows)
-        kept = (f"the last good checkpoint (epoch {done}) is kept in {folder}" if done else
-                "no epoch completed")
-        lr = float(np.asarray(model.optimizer.learning_rate))
-        raise TrainError(f"{phase}: loss became NaN at {control.nan}; training stopped and "
-                         f"{kept}; lower --lr (now {lr:.3g}) or check the data")
-    best = control.state["best_epoch"]
-    if monitor and best is not None:
-        _load_variables(folder / "best.npz", model, optimizer=False)
-    _save_variables(folder / "final.npz", model, optimizer=False)
-    _write_json_atomic(state_file, {"phase": phase, "epochs_done": len(rows), "history": rows,
-                                    "control": control.state, "stopped": True, "finished": True})
-    for old in folder.glob("epoch_*.npz"):
-        old.unlink()
-    return _PhaseResult(rows, None if best is None else best + 1, len(rows))
-
-
-# ------------------------------------------------------------------------------------------------
-# Plots
-# ------------------------------------------------------------------------------------------------
-
-def _plot(path: Path, rows: Sequence[dict], series: Sequence[Tuple[str, str]], ylabel: str,
-          title: str, best_epoch: Optional[int] = None) -> None:
-    """One line plot per (column, label) over epochs, saved atomically as PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(111)
-    epochs = [r["epoch"] for r in rows]
-    for col, label in series:
-        values = [r.get(col, float("nan")) for r in rows]
-        if any(math.isfinite(v) for v in values):
-            ax.plot(epochs, values, marker="o", markersize=3, label=label)
-    if best_epoch is not None:
-        ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1,
-                   label=f"best epoch {best_epoch}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------------------
-# The run
-# ------------------------------------------------------------------------------------------------
 
 def _load_init_model(init: str, num_classes: int, image_size: Tuple[int, int]):
     """The classifier of a finished run (``--init``), checked against the data."""
@@ -1068,11 +682,25 @@ def heldout_signature(data_dir: os.PathLike) -> Optional[str]:
     return hashlib.sha256("\n".join(held).encode()).hexdigest()
 
 
-def _compile_classifier(model, lr: float, loss) -> None:
-    import keras
+# ------------------------------------------------------------------------------------------------
+# The run, step by step
+# ------------------------------------------------------------------------------------------------
 
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=loss,
-                  metrics=["accuracy"])
+@dataclasses.dataclass
+class _Inputs:
+    """Everything read and checked before the run folder is touched."""
+
+    info: dict                                   # the prepared dataset's dataset.json
+    class_names: List[str]
+    tr: cdata.Split
+    va: cdata.Split
+    class_weight: Optional[Dict[int, float]]     # cost-sensitive: {class id: weight}
+    weights_source: Optional[str]
+    cost: Optional[np.ndarray]                   # cost-sensitive: (K, K) cost matrix
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        return tuple(int(v) for v in self.tr.x.shape[1:])
 
 
 def train(config: TrainConfig, callbacks: Sequence = ()) -> dict:
@@ -1090,208 +718,282 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict:
         cervical.models.ModelError: unknown model, input too small, weights unavailable.
     """
     cfg = _validate(config)
+    inputs = _load_inputs(cfg)                  # every check that can fail comes before writing
+    run, resumed = _prepare_run_folder(cfg)
+    record = _run_record(cfg, inputs)
+    if not resumed:
+        files.write_json(run / "config.json", record)   # completed once the model exists
+    log = fitting.RunLog(run / "train.log")
+    log(("resuming" if resumed else "starting") + f" {cfg.model} {cfg.regime} on {cfg.data} "
+        f"({len(inputs.tr)} train, {len(inputs.va)} val images)")
+    t_start = time.time()
+    with _Session(cfg.seed, cfg.deterministic, cfg.mixed_precision) as session:
+        strategy = make_strategy(cfg.strategy)
+        global_batch = cfg.batch_size * int(strategy.num_replicas_in_sync)
+        record.update({"replicas": int(strategy.num_replicas_in_sync),
+                       "global_batch_size": global_batch,
+                       "strategy_class": type(strategy).__name__,
+                       "precision_policy": session.policy_name or "float32"})
+        _write_cost_files(cfg, inputs, run)
+        with strategy.scope():
+            model, result, contrastive_rows = _fit(cfg, inputs, run, record, global_batch, log,
+                                                   callbacks)
+            final = _inference_model(model)
+        _save_model(final, run / "model.keras")
+    _plot_history(cfg, run, result, contrastive_rows)
+    summary = _summary(cfg, inputs, run, result, contrastive_rows, time.time() - t_start)
+    files.write_json(run / "summary.json", summary)
+    log(format_summary(summary))
+    return summary
+
+
+def _load_inputs(cfg: TrainConfig) -> _Inputs:
+    """Read the prepared data and settle the model (from --init), weights and class costs."""
     info = cdata.read_info(cfg.data)
     class_names = list(info["class_names"])
-    k = len(class_names)
-    init_model_name = None
     if cfg.init:
-        init_cfg_file = Path(cfg.init) / "config.json"
-        init_cfg = json.loads(init_cfg_file.read_text()) if init_cfg_file.is_file() else {}
-        init_model_name = init_cfg.get("model")
-        if not (Path(cfg.init) / "model.keras").is_file():
-            raise TrainError(f"--init {cfg.init}: no model.keras there; pass a finished run folder")
-        if cfg.model is None:
-            cfg.model = init_model_name
-            if cfg.model is None:
-                raise TrainError(f"--init {cfg.init}: no config.json naming its model; pass --model")
-        elif init_model_name and init_model_name != cfg.model:
-            raise TrainError(f"--init {cfg.init}: holds a {init_model_name} model, not {cfg.model}; "
-                             f"pass --model {init_model_name}")
-        cfg.variant = init_cfg.get("variant", cfg.variant)
+        _adopt_init(cfg, class_names)
     if cfg.weights is None:
         cfg.weights = "none" if cfg.init else default_weights(cfg.model, cfg.regime, cfg.variant)
-    image_size = int(info.get("image_size", 0)) or None
-    if image_size:
-        models.check_input_size(cfg.model, (image_size, image_size, 3))
+    if cfg.precise_bn is None:
+        cfg.precise_bn = 0 if cfg.variant == "thesis" else PRECISE_BN_IMAGES
+    if int(info.get("image_size", 0)):
+        models.check_input_size(cfg.model, (int(info["image_size"]),) * 2 + (3,))
     cost = load_cost_matrix(cfg.cost_matrix, class_names) if cfg.cost_matrix else None
-    if cfg.init and init_cfg.get("class_names") not in (None, class_names):
-        n_init = len(init_cfg["class_names"])
-        raise TrainError(f"--init {cfg.init}: the model has {n_init} classes, the data {k}"
-                         + ("" if n_init != k else " with other names")
-                         + "; use a run trained on the same classes")
-    if cfg.init:
-        theirs, ours = init_cfg.get("heldout_signature"), heldout_signature(cfg.data)
-        if theirs and ours and theirs != ours:
-            raise TrainError(f"--init {cfg.init}: was trained on another split of the data (its "
-                             f"validation/test cells differ from those of --data {cfg.data}), so "
-                             f"it may have trained on this split's test cells; continue a run "
-                             f"trained on --data {cfg.data}")
     try:
         tr = cdata.load_split(cfg.data, "train")
         va = cdata.load_split(cfg.data, "val")
     except cdata.DataError as exc:
         raise cdata.DataError(f"{exc} (training needs a train and a val split; the test split "
                               f"is never used here)") from None
-    input_shape = tuple(int(v) for v in tr.x.shape[1:])
-    models.check_input_size(cfg.model, input_shape)
-    class_weight, weights_source = (load_class_weights(cfg.class_weights, tr.y, class_names)
-                                    if cfg.regime == "cost-sensitive" else (None, None))
+    models.check_input_size(cfg.model, tr.x.shape[1:])
+    class_weight, source = (load_class_weights(cfg.class_weights, tr.y, class_names)
+                            if cfg.regime == "cost-sensitive" else (None, None))
     if not cfg.init:
-        models.resolve_weights(cfg.model, cfg.weights, input_shape[0])   # fail before writing
-    run, saved = _prepare_run_folder(cfg)
-    t_start = time.time()
-    run_config = {**dataclasses.asdict(cfg),
-                  "data_dir": cfg.data, "class_names": class_names, "num_classes": k,
-                  "split_protocol": info.get("split"), "image_size": input_shape[0],
-                  "input_shape": list(input_shape), "data_fingerprint": info.get("fingerprint"),
-                  "heldout_signature": heldout_signature(cfg.data),
-                  "dataset": info.get("dataset"), "task": info.get("task"),
-                  "train_images": len(tr), "val_images": len(va),
-                  "versions": cdata.library_versions(), "git_commit": _git_commit()}
-    if not saved:
-        cdata.write_json(run / "config.json", run_config)   # completed below once the model exists
-    log = _Log(run / "train.log")
-    log(("resuming" if saved else "starting") + f" {cfg.model} {cfg.regime} on {cfg.data} "
-        f"({len(tr)} train, {len(va)} val images)")
+        models.resolve_weights(cfg.model, cfg.weights, tr.x.shape[1])   # fail before writing
+    return _Inputs(info, class_names, tr, va, class_weight, source, cost)
 
-    with _Session(cfg.seed, cfg.deterministic, cfg.mixed_precision) as session:
-        strategy = make_strategy(cfg.strategy)
-        replicas = int(strategy.num_replicas_in_sync)
-        global_batch = cfg.batch_size * replicas
-        steps = int(math.ceil(len(tr) / global_batch))
 
-        if cfg.regime == "cost-sensitive":
-            weights_info = {
-                "source": weights_source, "spec": cfg.class_weights,
-                "weights": None if class_weight is None else
-                {class_names[i]: class_weight[i] for i in range(k)},
-                "weights_by_id": class_weight,
-                "train_counts": {c: int((tr.y == i).sum()) for i, c in enumerate(class_names)},
-                "formula": "w_c = n / (K * n_c)"}
-            cdata.write_json(run / "class_weights.json", weights_info)
-            if cfg.cost_matrix:
-                cdata.write_json(run / "cost_matrix.json", {
-                    "file": cfg.cost_matrix, "class_names": class_names,
-                    "rows": "true class", "columns": "predicted class", "matrix": cost.tolist()})
+def _adopt_init(cfg: TrainConfig, class_names: List[str]) -> None:
+    """--init RUN: take its model and variant, and refuse a run of other classes or another split."""
+    init_file = Path(cfg.init) / "config.json"
+    init_cfg = json.loads(init_file.read_text()) if init_file.is_file() else {}
+    init_model = init_cfg.get("model")
+    if not (Path(cfg.init) / "model.keras").is_file():
+        raise TrainError(f"--init {cfg.init}: no model.keras there; pass a finished run folder")
+    if cfg.model is None:
+        cfg.model = init_model
+        if cfg.model is None:
+            raise TrainError(f"--init {cfg.init}: no config.json naming its model; pass --model")
+    elif init_model and init_model != cfg.model:
+        raise TrainError(f"--init {cfg.init}: holds a {init_model} model, not {cfg.model}; "
+                         f"pass --model {init_model}")
+    cfg.variant = init_cfg.get("variant", cfg.variant)
+    if init_cfg.get("class_names") not in (None, class_names):
+        n_init = len(init_cfg["class_names"])
+        raise TrainError(f"--init {cfg.init}: the model has {n_init} classes, the data "
+                         f"{len(class_names)}" + ("" if n_init != len(class_names)
+                                                  else " with other names")
+                         + "; use a run trained on the same classes")
+    theirs, ours = init_cfg.get("heldout_signature"), heldout_signature(cfg.data)
+    if theirs and ours and theirs != ours:
+        raise TrainError(f"--init {cfg.init}: was trained on another split of the data (its "
+                         f"validation/test cells differ from those of --data {cfg.data}), so "
+                         f"it may have trained on this split's test cells; continue a run "
+                         f"trained on --data {cfg.data}")
 
+
+def _run_record(cfg: TrainConfig, inputs: _Inputs) -> dict:
+    """config.json: every setting, the data's identity, library versions and the code's commit."""
+    return {**dataclasses.asdict(cfg),
+            "data_dir": cfg.data, "class_names": inputs.class_names,
+            "num_classes": len(inputs.class_names), "split_protocol": inputs.info.get("split"),
+            "image_size": inputs.input_shape[0], "input_shape": list(inputs.input_shape),
+            "data_fingerprint": inputs.info.get("fingerprint"),
+            "heldout_signature": heldout_signature(cfg.data),
+            "dataset": inputs.info.get("dataset"), "task": inputs.info.get("task"),
+            "train_images": len(inputs.tr), "val_images": len(inputs.va),
+            "versions": files.library_versions(), "git_commit": files.git_commit()}
+
+
+def _write_cost_files(cfg: TrainConfig, inputs: _Inputs, run: Path) -> None:
+    """class_weights.json (and cost_matrix.json) of a cost-sensitive run: the weights really used."""
+    if cfg.regime != "cost-sensitive":
+        return
+    names, w = inputs.class_names, inputs.class_weight
+    files.write_json(run / "class_weights.json", {
+        "source": inputs.weights_source, "spec": cfg.class_weights,
+        "weights": None if w is None else {names[i]: w[i] for i in range(len(names))},
+        "weights_by_id": w,
+        "train_counts": {c: int((inputs.tr.y == i).sum()) for i, c in enumerate(names)},
+        "formula": "w_c = n / (K * n_c)"})
+    if cfg.cost_matrix:
+        files.write_json(run / "cost_matrix.json", {
+            "file": cfg.cost_matrix, "class_names": names, "rows": "true class",
+            "columns": "predicted class", "matrix": inputs.cost.tolist()})
+
+
+def _fit(cfg: TrainConfig, inputs: _Inputs, run: Path, record: dict, global_batch: int, log,
+         callbacks: Sequence):
+    """Build the regime's model (running contrastive phase 1 first), then fit the classifier.
+
+    Returns:
+        (trained classifier, its PhaseResult, phase-1 history rows or None).
+    """
+    steps = int(math.ceil(len(inputs.tr) / global_batch))
+    bn_images = fitting.precise_bn_images(inputs.tr.x, cfg.precise_bn, cfg.seed)
+    contrastive_rows = None
+    record["normalization"] = None
+    if cfg.regime in ("finetune", "cost-sensitive"):
+        model = _classifier(cfg, inputs)
+        loss = (losses.make_loss("cost_matrix", cost_matrix=inputs.cost) if cfg.cost_matrix
+                else "categorical_crossentropy")
+    else:
         normalization = None
-        if cfg.regime in ("contrastive", "baseline") and cfg.variant == "thesis":
-            normalization = channel_statistics(tr.x)   # the study's Normalization.adapt(x_train)
+        if cfg.variant == "thesis":
+            normalization = channel_statistics(inputs.tr.x)   # the study's Normalization.adapt
+        record["normalization"] = normalization
+        encoder = models.build_encoder(cfg.model, inputs.input_shape, cfg.weights, cfg.variant,
+                                       freeze=_FREEZE[cfg.freeze], normalization=normalization)
+        if cfg.regime == "contrastive":
+            contrastive_rows = _contrastive_phase(encoder, cfg, inputs, run, global_batch, steps,
+                                                  bn_images, log, callbacks)
+        model = models.build_contrastive_classifier(encoder, len(inputs.class_names),
+                                                    train_encoder=cfg.regime == "baseline")
+        loss = "categorical_crossentropy"
+    model.compile(optimizer=_adam(cfg.lr), loss=loss, metrics=["accuracy"])
+    record.update({"feature_layer": models.feature_layer_name(model),
+                   "trainable_params": _count(model.trainable_weights),
+                   "total_params": int(model.count_params())})
+    files.write_json(run / "config.json", record)
+    result = fitting.run_phase(model, _classifier_phase(cfg, inputs, run, global_batch, steps,
+                                                        bn_images, callbacks), log)
+    return model, result, contrastive_rows
 
-        run_config.update({"replicas": replicas, "global_batch_size": global_batch,
-                           "strategy_class": type(strategy).__name__,
-                           "precision_policy": session.policy_name or "float32",
-                           "normalization": normalization})
-        freeze = {"auto": None, "study": True, "none": False}[cfg.freeze]
-        val_ds = make_eval_dataset(va.x, va.y, global_batch, num_classes=k)
 
-        def classifier_data(online_augment: bool, weights=None):
-            return lambda start, stop: make_train_dataset(
-                tr.x, tr.y, global_batch, cfg.seed, (start, stop), num_classes=k,
-                augment="light" if online_augment else None, class_weight=weights)
+_FREEZE = {"auto": None, "study": True, "none": False}
 
-        bn_images = precise_bn_images(tr.x, cfg.precise_bn, cfg.seed)
 
-        def precise_bn(after: str) -> list:
-            return ([precise_batchnorm_callback(bn_images, global_batch, after)]
-                    if cfg.precise_bn else [])
+def _adam(lr: float):
+    import keras
 
-        phase_args = dict(monitor=cfg.monitor, patience=cfg.patience, lr_patience=cfg.lr_patience,
-                          lr_factor=cfg.lr_factor, min_lr=cfg.min_lr, cfg=cfg, log=log,
-                          extra_callbacks=callbacks, precise_bn=precise_bn("test"))
-        contrastive_rows = None
-        with strategy.scope():
-            if cfg.regime in ("finetune", "cost-sensitive"):
-                model = (_load_init_model(cfg.init, k, input_shape[:2]) if cfg.init else
-                         models.build_model(cfg.model, k, input_shape, cfg.weights, cfg.variant,
-                                            freeze=freeze))
-                if cfg.regime == "cost-sensitive" and cfg.cost_matrix:
-                    from cervical import losses
+    return keras.optimizers.Adam(learning_rate=lr)
 
-                    loss = losses.cost_matrix_loss(cost)
-                else:
-                    loss = "categorical_crossentropy"
-                _compile_classifier(model, cfg.lr, loss)
-                run_config["feature_layer"] = models.feature_layer_name(model)
-                run_config["trainable_params"] = _count(model.trainable_weights)
-                run_config["total_params"] = int(model.count_params())
-                cdata.write_json(run / "config.json", run_config)
-                result = _run_phase(model, "classifier", run, classifier_data(
-                    cfg.online_augment, class_weight), steps, val_ds, cfg.epochs,
-                    columns=HISTORY_COLUMNS, history_path=run / "history.csv", **phase_args)
-            else:
-                encoder = models.build_encoder(cfg.model, input_shape, cfg.weights, cfg.variant,
-                                               freeze=freeze, normalization=normalization)
-                if cfg.regime == "contrastive":
-                    contrastive_rows = _contrastive_phase(encoder, cfg, run, tr, global_batch,
-                                                          steps, log, callbacks,
-                                                          precise_bn("epoch"))
-                model = models.build_contrastive_classifier(
-                    encoder, k, train_encoder=cfg.regime == "baseline")
-                _compile_classifier(model, cfg.lr, "categorical_crossentropy")
-                run_config["feature_layer"] = models.feature_layer_name(model)
-                run_config["trainable_params"] = _count(model.trainable_weights)
-                run_config["total_params"] = int(model.count_params())
-                cdata.write_json(run / "config.json", run_config)
-                result = _run_phase(model, "classifier", run, classifier_data(cfg.online_augment),
-                                    steps, val_ds, cfg.epochs, columns=HISTORY_COLUMNS,
-                                    history_path=run / "history.csv", **phase_args)
-            final = _inference_model(model)
-        _save_model(final, run / "model.keras")
 
-    rows = result.rows
-    best = result.best_epoch
-    best_row = next((r for r in rows if r["epoch"] == best), rows[-1] if rows else {})
-    _plot(run / "loss.png", rows, [("loss", "train"), ("val_loss", "validation")], "loss",
-          f"{cfg.model} {cfg.regime}: loss", best)
-    _plot(run / "accuracy.png", rows, [("accuracy", "train"), ("val_accuracy", "validation")],
-          "accuracy", f"{cfg.model} {cfg.regime}: accuracy", best)
-    if contrastive_rows:
-        _plot(run / "contrastive_loss.png", contrastive_rows, [("loss", f"{cfg.loss} loss")],
-              "contrastive loss", f"{cfg.model} phase 1 ({cfg.loss}, tau {cfg.temperature:g})")
-    summary = {"run": str(run), "model": cfg.model, "regime": cfg.regime, "variant": cfg.variant,
-               "loss": cfg.loss, "best_epoch": best, "epochs_run": result.epochs_run,
-               "max_epochs": cfg.epochs,
-               "val_loss": best_row.get("val_loss"), "val_accuracy": best_row.get("val_accuracy"),
-               "train_images": len(tr), "val_images": len(va),
-               "seconds": time.time() - t_start, "seconds_per_epoch": result.epoch_seconds,
-               "contrastive_epochs_run": len(contrastive_rows) if contrastive_rows else None,
-               "selected_on": cfg.monitor}
-    cdata.write_json(run / "summary.json", summary)
-    log(format_summary(summary))
-    return summary
+def _classifier(cfg: TrainConfig, inputs: _Inputs):
+    """finetune / cost-sensitive: a fresh backbone classifier, or the --init run's model."""
+    if cfg.init:
+        return _load_init_model(cfg.init, len(inputs.class_names), inputs.input_shape[:2])
+    return models.build_model(cfg.model, len(inputs.class_names), inputs.input_shape, cfg.weights,
+                              cfg.variant, freeze=_FREEZE[cfg.freeze])
+
+
+def _classifier_phase(cfg: TrainConfig, inputs: _Inputs, run: Path, global_batch: int,
+                      steps: int, bn_images: np.ndarray, callbacks: Sequence) -> fitting.Phase:
+    """The classifier's fit: cross-entropy (or cost) on the train split, selected on val."""
+    k = len(inputs.class_names)
+
+    def batches(start: int, stop: int):
+        return make_train_dataset(inputs.tr.x, inputs.tr.y, global_batch, cfg.seed, (start, stop),
+                                  num_classes=k, augment="light" if cfg.online_augment else None,
+                                  class_weight=inputs.class_weight)
+
+    return fitting.Phase(
+        name="classifier", run=run, dataset_fn=batches, steps=steps, epochs=cfg.epochs,
+        columns=HISTORY_COLUMNS, history_path=run / "history.csv",
+        val_ds=make_eval_dataset(inputs.va.x, inputs.va.y, global_batch, num_classes=k),
+        monitor=cfg.monitor, patience=cfg.patience, lr_patience=cfg.lr_patience,
+        lr_factor=cfg.lr_factor, min_lr=cfg.min_lr,
+        precise_bn=(fitting.PreciseBatchNorm(bn_images, global_batch, "test")
+                    if cfg.precise_bn else None),
+        callbacks=callbacks, verbose=cfg.verbose, tensorboard=cfg.tensorboard)
+
+
+def _contrastive_phase(encoder, cfg: TrainConfig, inputs: _Inputs, run: Path, global_batch: int,
+                       steps: int, bn_images: np.ndarray, log, callbacks) -> List[dict]:
+    """Phase 1: encoder + projection head trained with a contrastive loss on two views per image."""
+    projector = models.add_projection_head(encoder, cfg.projection_dim,
+                                           activation="relu" if cfg.variant == "thesis" else None)
+    projector.compile(optimizer=_adam(cfg.contrastive_lr), loss=_contrastive_loss(cfg))
+
+    def views(start: int, stop: int):
+        return make_train_dataset(inputs.tr.x, inputs.tr.y, global_batch, cfg.seed, (start, stop),
+                                  num_classes=None, views=2)
+
+    phase = fitting.Phase(
+        name="contrastive", run=run, dataset_fn=views, steps=steps,
+        epochs=cfg.contrastive_epochs, columns=CONTRASTIVE_COLUMNS,
+        history_path=run / "contrastive_history.csv",
+        precise_bn=(fitting.PreciseBatchNorm(bn_images, global_batch, "epoch")
+                    if cfg.precise_bn else None),
+        callbacks=callbacks, verbose=cfg.verbose, tensorboard=cfg.tensorboard)
+    return fitting.run_phase(projector, phase, log).rows
+
+
+def _contrastive_loss(cfg: TrainConfig):
+    """The phase-1 loss by name (cervical.losses), with this run's temperature/margin/mining."""
+    if cfg.loss == "triplet":
+        return losses.make_loss("triplet", margin=cfg.margin, mining=cfg.mining)
+    if cfg.loss == "npairs":
+        return losses.make_loss("npairs", temperature=cfg.temperature)
+    return losses.make_loss("supcon", temperature=cfg.temperature,
+                            base_temperature=cfg.temperature)
 
 
 def _count(variables) -> int:
     return int(sum(int(np.prod(v.shape)) for v in variables))
 
 
-def _contrastive_phase(encoder, cfg: TrainConfig, run: Path, tr, global_batch: int, steps: int,
-                       log, callbacks, precise_bn: Sequence = ()) -> List[dict]:
-    """Phase 1: encoder + projection head trained with a contrastive loss on two views per image."""
-    import keras
-    from cervical import losses
+def _plot_history(cfg: TrainConfig, run: Path, result: fitting.PhaseResult,
+                  contrastive_rows: Optional[List[dict]]) -> None:
+    """loss.png, accuracy.png (and contrastive_loss.png): the curves with the kept epoch marked."""
+    best = result.best_epoch
+    _plot(run / "loss.png", result.rows, [("loss", "train"), ("val_loss", "validation")], "loss",
+          f"{cfg.model} {cfg.regime}: loss", best)
+    _plot(run / "accuracy.png", result.rows, [("accuracy", "train"),
+                                              ("val_accuracy", "validation")],
+          "accuracy", f"{cfg.model} {cfg.regime}: accuracy", best)
+    if contrastive_rows:
+        _plot(run / "contrastive_loss.png", contrastive_rows, [("loss", f"{cfg.loss} loss")],
+              "contrastive loss", f"{cfg.model} phase 1 ({cfg.loss}, tau {cfg.temperature:g})")
 
-    projector = models.add_projection_head(encoder, cfg.projection_dim,
-                                           activation="relu" if cfg.variant == "thesis" else None)
-    if cfg.loss == "triplet":
-        loss = losses.TripletLoss(margin=cfg.margin, mining=cfg.mining)
-    elif cfg.loss == "npairs":
-        loss = losses.NPairsLoss(temperature=cfg.temperature)
-    else:
-        loss = losses.SupConLoss(temperature=cfg.temperature, base_temperature=cfg.temperature)
-    projector.compile(optimizer=keras.optimizers.Adam(learning_rate=cfg.contrastive_lr), loss=loss)
 
-    def views(start, stop):
-        return make_train_dataset(tr.x, tr.y, global_batch, cfg.seed, (start, stop),
-                                  num_classes=None, views=2)
+def _plot(path: Path, rows: Sequence[dict], series: Sequence[Tuple[str, str]], ylabel: str,
+          title: str, best_epoch: Optional[int] = None) -> None:
+    """One line plot per (column, label) over epochs, saved atomically as PNG."""
+    from matplotlib.figure import Figure
 
-    result = _run_phase(projector, "contrastive", run, views, steps, None, cfg.contrastive_epochs,
-                        monitor=None, patience=0, lr_patience=0, lr_factor=cfg.lr_factor,
-                        min_lr=cfg.min_lr, columns=CONTRASTIVE_COLUMNS,
-                        history_path=run / "contrastive_history.csv", cfg=cfg, log=log,
-                        extra_callbacks=callbacks, precise_bn=precise_bn)
-    return result.rows
+    fig = Figure(figsize=(5, 3.5), dpi=120)
+    ax = fig.add_subplot(111)
+    epochs = [r["epoch"] for r in rows]
+    for col, label in series:
+        values = [r.get(col, float("nan")) for r in rows]
+        if any(math.isfinite(v) for v in values):
+            ax.plot(epochs, values, marker="o", markersize=3, label=label)
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1,
+                   label=f"best epoch {best_epoch}")
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    files.save_figure(fig, path, dpi=120, tight=False)
+
+
+def _summary(cfg: TrainConfig, inputs: _Inputs, run: Path, result: fitting.PhaseResult,
+             contrastive_rows: Optional[List[dict]], seconds: float) -> dict:
+    """summary.json: the kept epoch and its validation scores, epochs run, time."""
+    best = result.best_epoch
+    rows = result.rows
+    best_row = next((r for r in rows if r["epoch"] == best), rows[-1] if rows else {})
+    return {"run": str(run), "model": cfg.model, "regime": cfg.regime, "variant": cfg.variant,
+            "loss": cfg.loss, "best_epoch": best, "epochs_run": result.epochs_run,
+            "max_epochs": cfg.epochs,
+            "val_loss": best_row.get("val_loss"), "val_accuracy": best_row.get("val_accuracy"),
+            "train_images": len(inputs.tr), "val_images": len(inputs.va),
+            "seconds": seconds, "seconds_per_epoch": result.epoch_seconds,
+            "contrastive_epochs_run": len(contrastive_rows) if contrastive_rows else None,
+            "selected_on": cfg.monitor}
 
 
 def _inference_model(model):
@@ -1325,9 +1027,14 @@ def _replace_policies(obj):
 
 
 def _save_model(model, path: Path) -> None:
+    """model.keras, atomically (Keras needs the .keras suffix on the temporary name too)."""
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def format_summary(summary: dict) -> str:

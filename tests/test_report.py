@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cervical import data as cdata
+from cervical import files
 from cervical import metrics as M
 from cervical import report as R
 
@@ -343,22 +344,22 @@ def test_tested_versions_and_untested_notes(tmp_path):
     f = tmp_path / "c.txt"
     f.write_text("# header\n# tested-python: 3.11\nKeras==3.15.1\nscikit_learn==1.9.1\n"
                  "numpy==2.4.6 ; python_version >= '3.11'\n")
-    tested = cdata.tested_versions(f)
+    tested = files.tested_versions(f)
     assert tested == {"python": "3.11", "keras": "3.15.1", "scikit-learn": "1.9.1", "numpy": "2.4.6"}
     run = {"python": "3.11.9", "keras": "3.14.0", "scikit-learn": "1.9.1", "numpy": "2.4.6",
            "tensorflow": "2.21.0"}                          # tensorflow: not in this tested set
-    assert cdata.untested_versions(run, tested) == ["keras 3.14.0 (tested 3.15.1)"]
-    assert cdata.untested_versions({**run, "python": "3.12.1", "keras": "3.15.1"}, tested) == [
+    assert files.untested_versions(run, tested) == ["keras 3.14.0 (tested 3.15.1)"]
+    assert files.untested_versions({**run, "python": "3.12.1", "keras": "3.15.1"}, tested) == [
         "python 3.12.1 (tested 3.11)"]
-    assert cdata.untested_versions(None, tested) == [] and cdata.tested_versions(tmp_path / "no") == {}
+    assert files.untested_versions(None, tested) == [] and files.tested_versions(tmp_path / "no") == {}
     # the shipped file pins every library that shapes a result
-    shipped = cdata.tested_versions()
-    assert set(cdata.RESULT_LIBRARIES) | {"python"} <= set(shipped)
+    shipped = files.tested_versions()
+    assert set(files.RESULT_LIBRARIES) | {"python"} <= set(shipped)
 
 
 def test_eval_and_report_name_untested_versions(tiny_run, tmp_path, capsys):
     config = json.loads((tiny_run / "config.json").read_text())
-    tested = cdata.tested_versions()
+    tested = files.tested_versions()
     old = tmp_path / "old_run"
     old.mkdir()
     (old / "model.keras").write_bytes((tiny_run / "model.keras").read_bytes())

@@ -17,7 +17,7 @@ tf = pytest.importorskip("tensorflow")
 
 from conftest import make_blob_cells  # noqa: E402
 
-from cervical import data, models, train  # noqa: E402
+from cervical import data, fitting, models, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -135,7 +135,7 @@ def test_precise_batchnorm_known_answer():
     out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h))
     model = keras.Model(inp, out)
     model.get_layer("mix").set_weights([w])
-    cb = train.precise_batchnorm_callback(x, batch_size=3, after="test")
+    cb = fitting.PreciseBatchNorm(x, batch_size=3, after="test")
     cb.set_model(model)
     cb.on_test_begin()
 
@@ -158,7 +158,7 @@ def test_precise_batchnorm_known_answer():
     # "epoch" mode waits for the epoch's end; a frozen layer is left alone
     model.get_layer("bn1").trainable = False
     before = model.get_layer("bn1").moving_mean.numpy().copy()
-    cb2 = train.precise_batchnorm_callback(x[:2] // 2, batch_size=3, after="epoch")
+    cb2 = fitting.PreciseBatchNorm(x[:2] // 2, batch_size=3, after="epoch")
     cb2.set_model(model)
     cb2.on_test_begin()
     np.testing.assert_array_equal(model.get_layer("bn1").moving_mean.numpy(), before)
@@ -169,12 +169,12 @@ def test_precise_batchnorm_known_answer():
 
 def test_precise_bn_subset_is_seeded_and_sorted():
     x = np.arange(50)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    a = train.precise_bn_images(x, 10, seed=3)
+    a = fitting.precise_bn_images(x, 10, seed=3)
     ids = a[:, 0, 0, 0].tolist()
     assert len(ids) == 10 == len(set(ids)) and ids == sorted(ids)
-    np.testing.assert_array_equal(a, train.precise_bn_images(x, 10, seed=3))
-    assert train.precise_bn_images(x, 10, seed=4)[:, 0, 0, 0].tolist() != ids
-    assert train.precise_bn_images(x, 80, seed=3) is x and train.precise_bn_images(x, 0, 3) is x
+    np.testing.assert_array_equal(a, fitting.precise_bn_images(x, 10, seed=3))
+    assert fitting.precise_bn_images(x, 10, seed=4)[:, 0, 0, 0].tolist() != ids
+    assert fitting.precise_bn_images(x, 80, seed=3) is x and fitting.precise_bn_images(x, 0, 3) is x
 
 
 def test_channel_statistics_matches_numpy():
@@ -255,8 +255,8 @@ def test_saved_model_holds_precise_batchnorm_statistics(finetune_run, tiny_prepa
     assert len(bns) == 5
     saved = [(l.moving_mean.numpy().copy(), l.moving_variance.numpy().copy()) for l in bns]
     tr = data.load_split(tiny_prepared, "train")
-    cb = train.precise_batchnorm_callback(
-        train.precise_bn_images(tr.x, cfg["precise_bn"], cfg["seed"]), cfg["global_batch_size"])
+    cb = fitting.PreciseBatchNorm(
+        fitting.precise_bn_images(tr.x, cfg["precise_bn"], cfg["seed"]), cfg["global_batch_size"])
     cb.set_model(model)
     cb.on_test_begin()
     for layer, (mean, var) in zip(bns, saved):

@@ -1,0 +1,232 @@
+"""Everything the tool writes to disk, written one way: atomically, with the versions that made it.
+
+Every output file (dataset.json, config.json, history.csv, metrics.json, figures, maps) is first
+written to a hidden temporary file in the same folder and then renamed over its final name, so a
+killed process leaves either the previous complete file or none, never half a file.
+
+Also here, because every run folder records them: the library versions of the process
+(``library_versions``), the versions the project was tested with (``tested_versions``, read from
+``constraints.txt`` beside this module) and the git commit of the code (``git_commit``); and the
+one progress convention of the library: long loops call ``progress(step, done, total)``, and only
+the command line turns those calls into text.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["Progress", "report_progress", "write_bytes", "write_text", "write_json", "to_json",
+           "write_csv", "save_figure", "save_png", "save_npz", "RESULT_LIBRARIES",
+           "CONSTRAINTS_FILE", "library_versions", "tested_versions", "untested_versions",
+           "git_commit"]
+
+#: ``progress(step, done, total)``: called by long loops; ``step`` names what is being counted.
+Progress = Callable[[str, int, int], None]
+
+
+def report_progress(progress: Optional[Progress], step: str, done: int, total: int) -> None:
+    """Call ``progress`` when there is one (the library's loops never print themselves)."""
+    if progress is not None:
+        progress(step, int(done), int(total))
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic writes
+# ------------------------------------------------------------------------------------------------
+
+def _temporary(path: Path) -> Path:
+    """A hidden name beside ``path``, unique to this process (two processes never share one)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_bytes(path: Union[str, os.PathLike], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: Union[str, os.PathLike], text: str) -> Path:
+    """Write UTF-8 text atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def to_json(obj) -> str:
+    """Strict JSON text (indent 2, trailing newline): NumPy scalars and arrays become numbers and
+    lists, paths strings, and NaN/inf become null (JSON has no NaN)."""
+    return json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n"
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) and k is not None else k:
+                _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Union[str, os.PathLike], obj) -> Path:
+    """Write ``obj`` as strict JSON (see ``to_json``), atomically."""
+    return write_text(path, to_json(obj))
+
+
+def write_csv(path: Union[str, os.PathLike], header: Sequence[str],
+              rows: Iterable[Union[Sequence, Mapping]]) -> Path:
+    """Write a CSV file atomically: a header row, then one row per sequence or mapping.
+
+    Mappings are written by header name (missing keys give empty cells, extra keys are ignored);
+    None becomes an empty cell; floats are written exactly (``repr``), so values read back equal.
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        values = [r.get(h) for h in header] if isinstance(r, Mapping) else list(r)
+        w.writerow(["" if v is None else repr(float(v)) if isinstance(v, (float, np.floating))
+                    else v for v in values])
+    return write_text(path, buf.getvalue())
+
+
+def save_figure(fig, path: Union[str, os.PathLike], dpi: int = 120, tight: bool = True) -> Path:
+    """Render a Matplotlib Figure (Agg, no display needed) to PNG atomically and free it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    fig.clf()
+    return write_bytes(path, buf.getvalue())
+
+
+def save_png(path: Union[str, os.PathLike], image: np.ndarray, compress_level: int = 6) -> Path:
+    """Write a uint8 image (H, W) or (H, W, 3) as PNG atomically."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG",
+                                                            compress_level=compress_level)
+    return write_bytes(path, buf.getvalue())
+
+
+def save_npz(path: Union[str, os.PathLike], arrays: Mapping[str, np.ndarray],
+             compressed: bool = True) -> Path:
+    """Write named arrays to one .npz file atomically."""
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    return write_bytes(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------
+# Provenance: versions and code
+# ------------------------------------------------------------------------------------------------
+
+#: Libraries whose versions can change a result (recorded in every dataset.json and config.json).
+RESULT_LIBRARIES = ("numpy", "scipy", "scikit-learn", "scikit-image", "pillow", "tensorflow",
+                    "keras", "matplotlib")
+
+#: The versions the test suite and the README's figures were measured with (pip constraints file).
+CONSTRAINTS_FILE = Path(__file__).with_name("constraints.txt")
+
+
+def library_versions() -> Dict[str, str]:
+    """Versions of Python and the libraries that shape results (without importing TensorFlow)."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "cervical": __import__("cervical").__version__}
+    for pkg in RESULT_LIBRARIES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _canonical(name: str) -> str:
+    """PEP 503 project-name normalisation: 'Scikit_Learn' -> 'scikit-learn'."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def tested_versions(path: Union[str, os.PathLike] = CONSTRAINTS_FILE) -> Dict[str, str]:
+    """{library: version} of the tested release set, read from the pip constraints file.
+
+    Lines ``name==version`` give the libraries; the header line ``# tested-python: 3.11`` gives
+    "python" (major.minor). Returns {} when the file is missing (e.g. a stripped install).
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    out: Dict[str, str] = {}
+    for line in lines:
+        line = line.strip()
+        if line.startswith("# tested-python:"):
+            out["python"] = line.split(":", 1)[1].strip()
+        elif line and not line.startswith("#") and "==" in line:
+            name, version = line.split("==", 1)
+            out[_canonical(name)] = version.split(";")[0].strip()
+    return out
+
+
+def untested_versions(versions: Optional[Mapping[str, str]],
+                      tested: Optional[Mapping[str, str]] = None) -> List[str]:
+    """Which of a run's library versions differ from the tested ones, as readable strings.
+
+    Python is compared on major.minor, every other library of ``RESULT_LIBRARIES`` exactly.
+
+    Args:
+        versions: {library: version} as recorded by :func:`library_versions` (None: nothing known).
+        tested: the tested set (default: :func:`tested_versions`).
+    Returns:
+        e.g. ["keras 3.14.0 (tested 3.15.1)"]; [] when everything matches or nothing is known.
+    """
+    tested = tested_versions() if tested is None else tested
+    if not versions or not tested:
+        return []
+    out = []
+    for name in ("python",) + RESULT_LIBRARIES:
+        have, want = versions.get(name), tested.get(name)
+        if have is None or want is None:
+            continue
+        same = (have.split(".")[:2] == want.split(".")[:2]) if name == "python" else have == want
+        if not same:
+            out.append(f"{name} {have} (tested {want})")
+    return out
+
+
+def git_commit() -> Optional[str]:
+    """HEAD commit of the repository holding this package, or None (not a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
