@@ -644,20 +644,20 @@ def fingerprint_files(paths: Iterable[os.PathLike], root: os.PathLike) -> str:
 # Resize (thesis: 110x110; the study stretched with nearest-neighbour, we pad and area-average)
 # ------------------------------------------------------------------------------------------------
 
-def border_colour(img: np.ndarray) -> np.ndarray:
-    """Median colour of the one-pixel image border: the background the cell sits on."""
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).reshape(-1, img.shape[-1])
-    return np.median(border, axis=0).astype(np.uint8)
-
-
 def pad_to_square(img: np.ndarray, mask: Optional[np.ndarray] = None
                   ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Centre ``img`` on a square canvas filled with its border colour (mask padded with 0)."""
+    """Centre ``img`` on a square canvas filled with its border colour (mask padded with 0).
+
+    The border colour is ``cervical.augment.border_colour`` (median of the outermost ring of
+    pixels, each counted once) rounded to the nearest 8-bit value.
+    """
+    from cervical.augment import border_colour
+
     h, w = img.shape[:2]
     s = max(h, w)
     top, left = (s - h) // 2, (s - w) // 2
     canvas = np.empty((s, s, 3), dtype=np.uint8)
-    canvas[:] = border_colour(img)
+    canvas[:] = np.round(border_colour(img)).astype(np.uint8)
     canvas[top:top + h, left:left + w] = img
     if mask is None:
         return canvas, None
@@ -1026,6 +1026,73 @@ def _commit_dir(stage: Path, out: Path) -> None:
         os.replace(stage, out)
 
 
+@dataclasses.dataclass
+class PrepareOptions:
+    """The arguments of ``prepare`` (see there), checked, with the split spec resolved."""
+
+    dataset: str
+    data_dir: Optional[Path]
+    task: Optional[str]
+    class_map: Optional[os.PathLike]
+    size: int
+    resize: str
+    interpolation: str
+    split: str
+    split_kind: str                   # "grouped" | "thesis" | "manifest"
+    manifest_csv: Optional[Path]
+    folds: int
+    augment: int
+    seed: int
+    per_class: Optional[int]
+    workers: int
+    save_images: bool
+    progress: Optional[Callable[[str], Callable]]
+
+
+@dataclasses.dataclass
+class _RawSource:
+    """Where the raw files are now, and where they will be once the staging folder is in place."""
+
+    dataset: str
+    data_dir: Path
+    final_dir: Path
+    generated: Optional[dict]         # the synthetic generator's summary, when it ran
+
+    def final_path(self, p: os.PathLike) -> Path:
+        """A raw file's path after the commit (generated files move with the staging folder)."""
+        return (self.final_dir / Path(p).relative_to(self.data_dir)
+                if self.final_dir != self.data_dir else Path(p))
+
+
+@dataclasses.dataclass
+class _Cells:
+    """The decoded dataset: one entry per readable cell, sorted by (source class, stem, path)."""
+
+    records: List[Record]
+    images: np.ndarray                # uint8 (N, size, size, 3)
+    masks: Optional[np.ndarray]       # uint8 (N, size, size), or None when any cell lacks one
+    widths: List[int]                 # raw sizes, for the size analysis
+    heights: List[int]
+    labels: np.ndarray                # int64 (N,) task labels
+    groups: np.ndarray                # (N,) cluster-image ids
+    skipped: List[Tuple[Record, str]]
+    masks_dropped: Optional[Tuple[int, str]]   # (cells without masks, an example) if masks were lost
+
+
+@dataclasses.dataclass
+class ManifestRow:
+    """One image of a prepared split: one line of manifest.csv, its pixels and its mask."""
+
+    image: np.ndarray
+    label: int
+    stem: str
+    group: str
+    source: str                       # the raw file, relative to the raw folder
+    source_class: str
+    augmented: bool
+    mask: Optional[np.ndarray]
+
+
 def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             out: os.PathLike = "outputs/prepared", task: Optional[str] = None,
             class_map: Optional[os.PathLike] = None, size: int = 110, resize: str = "pad",
@@ -1065,13 +1132,14 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
     split_kind, manifest_csv = resolve_split_spec(split)
     if folds and split_kind != "grouped":
         raise DataError("--folds: K-fold splits are grouped; drop --split or use --split grouped")
-    workers = workers or os.cpu_count() or 1
+    opts = PrepareOptions(dataset, None if data_dir is None else Path(data_dir), task, class_map,
+                          size, resize, interpolation, split, split_kind, manifest_csv, folds,
+                          augment, seed, per_class, workers or os.cpu_count() or 1, save_images,
+                          progress)
     _check_out_vs_data_dir(out, data_dir)
     stage = _stage_dir(out, overwrite)
     try:
-        summary = _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize,
-                                interpolation, split, split_kind, manifest_csv, folds, augment,
-                                seed, per_class, workers, save_images, progress)
+        summary = _prepare_into(stage, out, opts)
         _commit_dir(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -1080,159 +1148,200 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
     return summary
 
 
-def _prepare_into(stage, out, dataset, data_dir, task, class_map, size, resize, interpolation,
-                  split, split_kind, manifest_csv, folds, augment, seed, per_class, workers,
-                  save_images, progress) -> dict:
+def _prepare_into(stage: Path, out: Path, opts: PrepareOptions) -> dict:
+    """Every step of ``prepare``, written into the staging folder ``stage``."""
+    raw = _raw_source(stage, out, opts)
+    records, class_names, task_name, cmap = _read_records(raw, opts)
+    cells = _decode_cells(records, class_names, raw, opts)
+    sizes = size_analysis(cells.widths, cells.heights)
+    save_dataset_figures(stage / "analysis", cells.widths, cells.heights, cells.labels,
+                         class_names, cells.images, opts.seed)
+    files.write_json(stage / "analysis" / "size_analysis.json", sizes)
+    info = _dataset_info(raw, opts, task_name, cmap, sizes, cells)
+    assignments = _assign_splits(cells, opts)
+    copies = _augment_train(cells, assignments, opts)
+    fold_infos = []
+    for k, assign in enumerate(assignments):
+        target = stage / f"fold_{k}" if opts.folds else stage
+        splits = {s: _split_rows(cells, assign == s, copies if s == "train" else {}, raw)
+                  for s in SPLITS}
+        write_prepared(target, {s: _rows_to_arrays(r, cells.masks is not None)
+                                for s, r in splits.items() if r}, class_names,
+                       dict(info, fold=k if opts.folds else None, folds=opts.folds or None,
+                            group_overlap=_group_overlap(assign, cells.groups)),
+                       save_images=opts.save_images)
+        fold_infos.append(read_info(target))
+    _write_skipped(stage, cells.skipped, raw)
+    return _prepare_summary(stage, fold_infos, info, class_names, cells, opts)
+
+
+def _raw_source(stage: Path, out: Path, opts: PrepareOptions) -> _RawSource:
+    """The raw folder: --data-dir, or synthetic cells generated into it (or into out/raw)."""
+    if opts.dataset != "synthetic":
+        if opts.data_dir is None:
+            raise DataError(f"--data-dir is required for --dataset {opts.dataset}; point it at "
+                            f"the raw files")
+        return _RawSource(opts.dataset, opts.data_dir, opts.data_dir, None)
+    from cervical import synthetic
+
+    n = synthetic.FULL_COUNTS if opts.per_class == 0 else (opts.per_class or 120)
+    # a split manifest names real files: generate exactly those (e.g. manifest:thesis gives the
+    # study's 4049 SIPaKMeD file names, so its exact split can be rehearsed offline)
+    stems = (synthetic.stems_from_csv(opts.manifest_csv) if opts.split_kind == "manifest"
+             else None)
+    if opts.data_dir is None:          # generated inside the staging folder, renamed with it
+        generated = synthetic.generate(stage / "raw", per_class=n, seed=opts.seed, stems=stems)
+        generated["out_dir"] = str(out / "raw")
+        return _RawSource("synthetic", stage / "raw", out / "raw", generated)
     generated = None
-    final_dir = None            # where data_dir will be after the commit, if it differs
-    if dataset == "synthetic":
-        from cervical import synthetic
+    if not opts.data_dir.exists() or not any(opts.data_dir.iterdir()):
+        generated = synthetic.generate(opts.data_dir, per_class=n, seed=opts.seed, stems=stems)
+    return _RawSource("synthetic", opts.data_dir, opts.data_dir, generated)
 
-        n = synthetic.FULL_COUNTS if per_class == 0 else (per_class or 120)
-        # a split manifest names real files: generate exactly those (e.g. manifest:thesis gives the
-        # study's 4049 SIPaKMeD file names, so its exact split can be rehearsed offline)
-        stems = synthetic.stems_from_csv(manifest_csv) if split_kind == "manifest" else None
-        if data_dir is None:
-            raw = stage / "raw"
-            final_dir = out / "raw"     # the staging folder is renamed to out at the end
-            generated = synthetic.generate(raw, per_class=n, seed=seed, stems=stems)
-            generated["out_dir"] = str(final_dir)
-        else:
-            raw = Path(data_dir)
-            if not raw.exists() or not any(raw.iterdir()):
-                generated = synthetic.generate(raw, per_class=n, seed=seed, stems=stems)
-        data_dir = raw
-    elif data_dir is None:
-        raise DataError(f"--data-dir is required for --dataset {dataset}; point it at the raw files")
-    data_dir = Path(data_dir)
-    final_dir = final_dir or data_dir
 
-    def final_path(p: Path) -> Path:
-        """A raw file's path once the staging folder has been renamed into place."""
-        return final_dir / Path(p).relative_to(data_dir) if final_dir != data_dir else Path(p)
-
-    if dataset == "auto":
-        dataset = detect_dataset(data_dir)
+def _read_records(raw: _RawSource, opts: PrepareOptions):
+    """(records sorted by class and stem, task class names, task name, class map)."""
+    dataset = detect_dataset(raw.data_dir) if raw.dataset == "auto" else raw.dataset
     if dataset not in READERS:
-        raise DataError(f"--dataset {dataset}: unknown; choose sipakmed, herlev, folders or synthetic")
-    records = READERS[dataset](data_dir)
-    cmap = load_class_map(class_map) if class_map else None
-    task_name = "custom" if cmap else (task or DEFAULT_TASK.get(dataset, "all"))
-    class_names = apply_task(records, dataset, task, cmap)
+        raise DataError(f"--dataset {dataset}: unknown; choose sipakmed, herlev, folders or "
+                        f"synthetic")
+    raw.dataset = dataset
+    records = READERS[dataset](raw.data_dir)
+    cmap = load_class_map(opts.class_map) if opts.class_map else None
+    task_name = "custom" if cmap else (opts.task or DEFAULT_TASK.get(dataset, "all"))
+    class_names = apply_task(records, dataset, opts.task, cmap)
     records.sort(key=lambda r: (r.source_class, r.stem, str(r.path)))
+    return records, class_names, task_name, cmap
 
-    # Decode + masks + resize, in parallel, in a fixed order.
-    jobs = [(r, size, resize, interpolation) for r in records]
-    results = _pool_map(_load_record, jobs, workers, progress, "decode+resize")
+
+def _decode_cells(records: List[Record], class_names: List[str], raw: _RawSource,
+                  opts: PrepareOptions) -> _Cells:
+    """Decode, mask and resize every record (in parallel, in a fixed order); skip unreadable ones."""
+    jobs = [(r, opts.size, opts.resize, opts.interpolation) for r in records]
+    results = _pool_map(_load_record, jobs, opts.workers, opts.progress, "decode+resize")
     fatal = [msg for status, msg in results if status == "fatal"]
     if fatal:
         raise DataError(fatal[0])
     skipped = [(r, msg) for r, (status, msg) in zip(records, results) if status == "skip"]
     keep = [i for i, (status, _) in enumerate(results) if status == "ok"]
     if not keep:
-        raise DataError(f"--data-dir {data_dir}: none of the {len(records)} images could be read "
-                        f"(first: {skipped[0][1]})")
+        raise DataError(f"--data-dir {raw.data_dir}: none of the {len(records)} images could be "
+                        f"read (first: {skipped[0][1]})")
     records = [records[i] for i in keep]
-    images = np.stack([results[i][1][0] for i in keep])
-    masks_list = [results[i][1][1] for i in keep]
-    has_masks = all(m is not None for m in masks_list)
-    masks = np.stack(masks_list) if has_masks else None
-    # masks are all-or-nothing (one array per split); say so when a few cells cost them all
-    without_masks = [records[j].path for j, m in enumerate(masks_list) if m is None]
-    masks_dropped = (len(without_masks), str(without_masks[0])) if 0 < len(without_masks) < len(records) else None
-    widths = [results[i][1][2][0] for i in keep]
-    heights = [results[i][1][2][1] for i in keep]
+    payload = [results[i][1] for i in keep]            # (image, mask, (width, height))
+    masks_list = [p[1] for p in payload]
+    without = [r.path for r, m in zip(records, masks_list) if m is None]
     labels = np.array([class_names.index(r.class_name) for r in records], dtype=np.int64)
-    groups = np.array([r.group for r in records])
-    present = sorted(set(labels.tolist()))
-    if len(present) < len(class_names):
-        missing = [class_names[c] for c in range(len(class_names)) if c not in present]
-        raise DataError(f"--data-dir {data_dir}: class {missing[0]} has no readable image; "
+    missing = [c for i, c in enumerate(class_names) if i not in set(labels.tolist())]
+    if missing:
+        raise DataError(f"--data-dir {raw.data_dir}: class {missing[0]} has no readable image; "
                         f"fix its files or remove the folder")
+    # masks are all-or-nothing (one array per split); say so when a few cells cost them all
+    return _Cells(records=records, images=np.stack([p[0] for p in payload]),
+                  masks=None if without else np.stack(masks_list),
+                  widths=[p[2][0] for p in payload], heights=[p[2][1] for p in payload],
+                  labels=labels, groups=np.array([r.group for r in records]), skipped=skipped,
+                  masks_dropped=(len(without), str(without[0]))
+                  if 0 < len(without) < len(records) else None)
 
-    sizes = size_analysis(widths, heights)
-    save_dataset_figures(stage / "analysis", widths, heights, labels, class_names, images, seed)
-    files.write_json(stage / "analysis" / "size_analysis.json", sizes)
+
+def _dataset_info(raw: _RawSource, opts: PrepareOptions, task_name: str, cmap, sizes: dict,
+                  cells: _Cells) -> dict:
+    """The dataset.json keys shared by every fold: provenance, settings, size analysis."""
     fingerprint = fingerprint_files(
-        [r.path for r in records] + [p for r in records for p in (r.nucleus, r.cytoplasm,
-                                                                  r.mask_image) if p is not None]
-        + [r.path for r, _ in skipped], data_dir)
-
-    if split_kind == "thesis":
-        assignments = [split_thesis(labels, seed)]
-    elif split_kind == "manifest":
-        assignments = [split_from_manifest(records, manifest_csv)]
-    elif folds:
-        assignments = split_folds(labels, groups, folds, seed)
-    else:
-        assignments = [split_grouped(labels, groups, seed)]
-
-    base_info = {
-        "dataset": dataset, "task": task_name, "class_map": cmap, "source_dir": str(final_dir),
-        "image_size": size, "resize": resize, "interpolation": interpolation,
-        "split": split if split_kind != "manifest" else f"manifest:{manifest_csv.name}",
-        "seed": seed, "augment": augment, "size_analysis": sizes, "fingerprint": fingerprint,
-        "skipped": len(skipped), "generated": generated, "versions": files.library_versions(),
+        [r.path for r in cells.records]
+        + [p for r in cells.records for p in (r.nucleus, r.cytoplasm, r.mask_image) if p is not None]
+        + [r.path for r, _ in cells.skipped], raw.data_dir)
+    return {
+        "dataset": raw.dataset, "task": task_name, "class_map": cmap,
+        "source_dir": str(raw.final_dir), "image_size": opts.size, "resize": opts.resize,
+        "interpolation": opts.interpolation,
+        "split": opts.split if opts.split_kind != "manifest" else f"manifest:{opts.manifest_csv.name}",
+        "seed": opts.seed, "augment": opts.augment, "size_analysis": sizes,
+        "fingerprint": fingerprint, "skipped": len(cells.skipped), "generated": raw.generated,
+        "versions": files.library_versions(),
     }
-    # Offline augmentation: each train image's copies depend only on (seed, class, stem), so the
-    # same cell gets the same copies whatever the split or fold.
-    aug_cache: Dict[int, list] = {}
+
+
+def _assign_splits(cells: _Cells, opts: PrepareOptions) -> List[np.ndarray]:
+    """One (N,) array of "train"/"val"/"test" per fold (a single one without --folds)."""
+    if opts.split_kind == "thesis":
+        return [split_thesis(cells.labels, opts.seed)]
+    if opts.split_kind == "manifest":
+        return [split_from_manifest(cells.records, opts.manifest_csv)]
+    if opts.folds:
+        return split_folds(cells.labels, cells.groups, opts.folds, opts.seed)
+    return [split_grouped(cells.labels, cells.groups, opts.seed)]
+
+
+def _augment_train(cells: _Cells, assignments: List[np.ndarray], opts: PrepareOptions
+                   ) -> Dict[int, list]:
+    """{cell index: augmented copies} for every cell that is in train in some fold.
+
+    A cell's copies depend only on (seed, class, stem), so the same cell gets the same copies
+    whatever the split or fold.
+    """
+    if not opts.augment:
+        return {}
     train_union = sorted({i for a in assignments for i in np.flatnonzero(a == "train")})
-    if augment:
-        ajobs = [(images[i], None if masks is None else masks[i], augment,
-                  [seed, _stable_int(f"{records[i].source_class}/{records[i].stem}")])
-                 for i in train_union]
-        for i, copies in zip(train_union, _pool_map(_augment_job, ajobs, workers, progress,
-                                                    f"augment x{augment}")):
-            aug_cache[i] = copies
+    jobs = [(cells.images[i], None if cells.masks is None else cells.masks[i], opts.augment,
+             [opts.seed, _stable_int(f"{cells.records[i].source_class}/{cells.records[i].stem}")])
+            for i in train_union]
+    copies = _pool_map(_augment_job, jobs, opts.workers, opts.progress, f"augment x{opts.augment}")
+    return dict(zip(train_union, copies))
 
-    fold_summaries = []
-    for k, assign in enumerate(assignments):
-        target = stage / f"fold_{k}" if folds else stage
-        splits = {}
-        for s in SPLITS:
-            idx = np.flatnonzero(assign == s)
-            rows_x, rows_y, rows_m, stems, grp, src, scls, aug = [], [], [], [], [], [], [], []
-            for i in idx:
-                r = records[i]
-                rel_src = _relative(r.path, data_dir)
-                rows_x.append(images[i]); rows_y.append(labels[i]); stems.append(r.stem)
-                grp.append(r.group); src.append(rel_src); scls.append(r.source_class)
-                aug.append(False)
-                if masks is not None:
-                    rows_m.append(masks[i])
-                if s == "train":
-                    for j, (ai, am, gname) in enumerate(aug_cache.get(i, [])):
-                        rows_x.append(ai); rows_y.append(labels[i])
-                        stems.append(f"{r.stem}_aug{j}_{gname}")
-                        grp.append(r.group); src.append(rel_src); scls.append(r.source_class)
-                        aug.append(True)
-                        if masks is not None:
-                            rows_m.append(am if am is not None else masks[i])
-            if not rows_y:
-                continue
-            splits[s] = dict(x=np.stack(rows_x), y=np.array(rows_y), stems=stems, groups=grp,
-                             sources=src, source_classes=scls, augmented=np.array(aug),
-                             masks=np.stack(rows_m) if masks is not None else None)
-        info = dict(base_info, fold=k if folds else None, folds=folds or None,
-                    group_overlap=_group_overlap(assign, groups))
-        write_prepared(target, splits, class_names, info, save_images=save_images)
-        fold_summaries.append(read_info(target))
 
+def _split_rows(cells: _Cells, member: np.ndarray, copies: Dict[int, list], raw: _RawSource
+                ) -> List[ManifestRow]:
+    """The rows of one split: each member cell, followed by its augmented copies (train only)."""
+    rows = []
+    for i in np.flatnonzero(member):
+        r = cells.records[i]
+        mask = None if cells.masks is None else cells.masks[i]
+        common = dict(label=int(cells.labels[i]), group=r.group, source=_relative(r.path, raw.data_dir),
+                      source_class=r.source_class)
+        rows.append(ManifestRow(image=cells.images[i], stem=r.stem, augmented=False, mask=mask,
+                                **common))
+        for j, (image, aug_mask, group_name) in enumerate(copies.get(i, [])):
+            rows.append(ManifestRow(image=image, stem=f"{r.stem}_aug{j}_{group_name}",
+                                    augmented=True,
+                                    mask=None if mask is None else
+                                    (aug_mask if aug_mask is not None else mask), **common))
+    return rows
+
+
+def _rows_to_arrays(rows: List[ManifestRow], with_masks: bool) -> dict:
+    """ManifestRows -> the column arrays ``write_prepared`` takes."""
+    return dict(x=np.stack([r.image for r in rows]), y=np.array([r.label for r in rows]),
+                stems=[r.stem for r in rows], groups=[r.group for r in rows],
+                sources=[r.source for r in rows], source_classes=[r.source_class for r in rows],
+                augmented=np.array([r.augmented for r in rows]),
+                masks=np.stack([r.mask for r in rows]) if with_masks else None)
+
+
+def _write_skipped(stage: Path, skipped: List[Tuple[Record, str]], raw: _RawSource) -> None:
+    """skipped.txt: every unreadable input, under the path it will have after the commit."""
     if skipped:
         (stage / "skipped.txt").write_text("".join(
-            f"{final_path(r.path)}\t{msg.replace(str(r.path), str(final_path(r.path)))}\n"
+            f"{raw.final_path(r.path)}\t{msg.replace(str(r.path), str(raw.final_path(r.path)))}\n"
             for r, msg in skipped))
-    if folds:
-        files.write_json(stage / "folds.json", {"folds": folds, "class_names": class_names,
-                                          "fold_dirs": [f"fold_{k}" for k in range(folds)],
-                                          **{k: v for k, v in base_info.items()}})
-    summary = dict(fold_summaries[0]) if not folds else {
-        "class_names": class_names, "folds": folds,
-        "fold_totals": [f["totals"] for f in fold_summaries], **base_info}
-    summary["has_masks"] = bool(has_masks)
-    if masks_dropped:
-        summary["masks_dropped"] = {"cells_without_masks": masks_dropped[0], "example": masks_dropped[1]}
+
+
+def _prepare_summary(stage: Path, fold_infos: List[dict], info: dict, class_names: List[str],
+                     cells: _Cells, opts: PrepareOptions) -> dict:
+    """The returned summary (and folds.json for K-fold output)."""
+    if opts.folds:
+        files.write_json(stage / "folds.json", {
+            "folds": opts.folds, "class_names": class_names,
+            "fold_dirs": [f"fold_{k}" for k in range(opts.folds)], **info})
+        summary = {"class_names": class_names, "folds": opts.folds,
+                   "fold_totals": [f["totals"] for f in fold_infos], **info}
+    else:
+        summary = dict(fold_infos[0])
+    summary["has_masks"] = cells.masks is not None
+    if cells.masks_dropped:
+        summary["masks_dropped"] = {"cells_without_masks": cells.masks_dropped[0],
+                                    "example": cells.masks_dropped[1]}
     return summary
 
 
