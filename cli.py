@@ -42,13 +42,11 @@ def _int_at_least(low: int):
     return parse
 
 
-def _progress(prefix: str):
-    """A progress callback printing 'prefix: done/total' on one refreshed stderr line."""
-    def report(done: int, total: int, note: str = "") -> None:
-        end = "\n" if done >= total else ""
-        sys.stderr.write(f"\r{prefix}: {done}/{total} {note}".rstrip() + " " * 8 + end)
-        sys.stderr.flush()
-    return report
+def _progress(step: str, done: int, total: int) -> None:
+    """The library's progress calls, as one refreshed stderr line 'step: done/total'."""
+    end = "\n" if done >= total else ""
+    sys.stderr.write(f"\r{step}: {done}/{total}" + " " * 8 + end)
+    sys.stderr.flush()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +231,7 @@ def run_eval(args) -> int:
     from cervical import report
 
     summary = report.evaluate_run(args.run, data_dir=args.data, split=args.split, out_dir=args.out,
-                                  progress=_progress("eval"), batch_size=args.batch_size,
+                                  progress=_progress, batch_size=args.batch_size,
                                   n_boot=args.n_boot, seed=args.seed)
     print(report.format_eval(summary))
     return 0
@@ -252,7 +250,7 @@ def run_report(args) -> int:
     from cervical import report
 
     path = report.build_report(args.runs, args.out, split=args.split, evaluate_missing=not args.no_eval,
-                               progress=_progress("report"))
+                               progress=_progress)
     print(f"report written to {path}")
     return 0
 
@@ -306,7 +304,7 @@ def run_explain(args) -> int:
     result = explain.explain_run(
         args.run, split=args.split, methods=args.methods, per_class=args.per_class, out_dir=args.out,
         evaluate=args.evaluate, n_eval=args.n_eval, images=args.images, layer=args.layer,
-        seed=args.seed, progress=_progress("explain"), data_dir=args.data,
+        seed=args.seed, progress=_progress, data_dir=args.data,
         lime_samples=args.lime_samples, lime_segments=args.lime_segments, max_n=args.max_n,
         n_sanity=args.n_sanity, sanity_blocks=args.sanity_blocks, tolerance=args.tolerance)
     shown = sum(1 for c in result["cells"] if c["index"] >= 0)

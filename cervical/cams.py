@@ -87,6 +87,10 @@ __all__ = [
     "faster_scorecam",
     "compute",
     "find_target_layer",
+    "feature_map_layers",
+    "resolve_layer",
+    "canonical_method",
+    "TITLES",
     "overlay",
     "resize_bilinear",
     "minmax_normalize",
@@ -292,8 +296,12 @@ def _walk(model: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
         yield path, layer
 
 
-def _resolve_layer(model: Any, layer: Any) -> Tuple[str, Any]:
-    """Return (path, layer object) for a layer name, a "/"-path, a layer object or None (default)."""
+def resolve_layer(model: Any, layer: Any) -> Tuple[str, Any]:
+    """Return (path, layer object) for a layer name, a "/"-path, a layer object or None (default).
+
+    Raises:
+        CamError: no such layer, or a name that is ambiguous at its shallowest depth.
+    """
     keras = _keras()
     if layer is None:
         layer = find_target_layer(model)
@@ -335,15 +343,54 @@ def _output_shape(layer: Any) -> Optional[Tuple[Any, ...]]:
     return tuple(shape) if shape is not None else None
 
 
+def _not_a_target(layer: Any) -> bool:
+    """Layers that output a feature map but are no place to explain: pooling, dropout-like and
+    preprocessing layers, nested models as a whole (their own last layer is the feature map)."""
+    keras = _keras()
+    skip = (keras.Model, keras.layers.InputLayer, keras.layers.MaxPooling2D,
+            keras.layers.AveragePooling2D, keras.layers.Dropout, keras.layers.SpatialDropout2D,
+            keras.layers.GaussianNoise, keras.layers.GaussianDropout)
+    return isinstance(layer, skip) or "preprocessing" in type(layer).__module__
+
+
+def feature_map_layers(model: Any, suggest_only: bool = True) -> List[str]:
+    """Layers whose output is a 4-D feature map (B, h, w, K) with h*w > 1, in forward order.
+
+    Nested models are expanded in place. Each layer is given by its name when that is unique in the
+    model, else by its "/"-path (both are accepted by ``layer=``).
+
+    Args:
+        model: a built Keras model.
+        suggest_only: leave out pooling, dropout-like and preprocessing layers and nested models
+            as a whole (valid targets, but none to recommend).
+    Returns:
+        list of names or paths.
+    """
+    everything = list(_walk(model))
+    counts: Dict[str, int] = {}
+    for _, layer in everything:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    found = []
+    for path, layer in everything:
+        if suggest_only and _not_a_target(layer):
+            continue
+        shape = _output_shape(layer)
+        if shape is None or len(shape) != 4 or shape[1] is None or shape[2] is None:
+            continue
+        if shape[1] * shape[2] > 1:
+            found.append(layer.name if counts[layer.name] == 1 else path)
+    return found
+
+
 def find_target_layer(model: Any) -> str:
     """Default target layer: the last layer whose output is a 4-D feature map with h*w > 1.
 
     Layers are visited in forward order with nested models expanded in place, so a transfer-learning
-    model yields a layer *inside* its backbone. Pooling and dropout-like layers are skipped, and so is
-    the nested model itself, so the result is the post-activation feature map (MobileNetV2
-    ``out_relu``, DenseNet ``relu``, ResNet50 ``conv5_block3_out``, VGG ``block5_conv3``), not the
-    pre-BatchNorm convolution that tf-keras-vis' layer seek lands on, and not a 1x1 logits convolution
-    (tf-keras-vis #61, PR #85).
+    model yields a layer *inside* its backbone. Pooling, dropout-like and preprocessing layers are
+    skipped, and so is the nested model itself, so the result is the post-activation feature map
+    (MobileNetV2 ``out_relu``, DenseNet ``relu``, ResNet50 ``conv5_block3_out``, VGG
+    ``block5_conv3``), not the pre-BatchNorm convolution that tf-keras-vis' layer seek lands on, and
+    not a 1x1 logits convolution (tf-keras-vis #61, PR #85).
 
     Args:
         model: a built Keras model (functional, Sequential, or containing nested models).
@@ -355,32 +402,11 @@ def find_target_layer(model: Any) -> str:
     Raises:
         CamError: if no layer outputs a 4-D map with h*w > 1 (or the model is not built).
     """
-    keras = _keras()
-    skip = (
-        keras.Model,
-        keras.layers.InputLayer,
-        keras.layers.MaxPooling2D,
-        keras.layers.AveragePooling2D,
-        keras.layers.Dropout,
-        keras.layers.GaussianNoise,
-        keras.layers.GaussianDropout,
-    )
-    layers = list(_walk(model))
-    chosen = None
-    for path, layer in layers:
-        if isinstance(layer, skip):
-            continue
-        shape = _output_shape(layer)
-        if shape is None or len(shape) != 4 or shape[1] is None or shape[2] is None:
-            continue
-        if shape[1] * shape[2] > 1:
-            chosen = (path, layer)
-    if chosen is None:
+    found = feature_map_layers(model, suggest_only=True)
+    if not found:
         raise CamError(f"model {model.name!r} has no layer with a 4-D output of spatial size > 1; "
                        "pass layer= explicitly (or build the model first)")
-    path, layer = chosen
-    same_name = [p for p, obj in layers if obj.name == layer.name]
-    return layer.name if len(same_name) == 1 else path
+    return found[-1]
 
 
 _PASS_THROUGH_ACTIVATIONS = ("linear", "identity")
@@ -604,7 +630,7 @@ def _tap_for(model: Any, layer: Any) -> _Tap:
     keras = _keras()
     if not isinstance(model, keras.Model):
         raise CamError(f"model must be a keras.Model; got {type(model).__name__}")
-    path, target = _resolve_layer(model, layer)
+    path, target = resolve_layer(model, layer)
     shape = _output_shape(target)
     if shape is not None and len(shape) != 4:
         raise CamError(f"layer {path!r} outputs shape {shape}, not a 4-D feature map (B, h, w, K); "
@@ -860,8 +886,22 @@ METHODS: Dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-_ALIASES = {"gradcam-plus-plus": "gradcam++", "grad-cam": "gradcam", "grad-cam++": "gradcam++",
-            "score-cam": "scorecam", "faster-score-cam": "faster-scorecam", "layer-cam": "layercam"}
+#: Display names of the methods (figure columns, tables).
+TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "layercam": "LayerCAM",
+          "scorecam": "Score-CAM", "faster-scorecam": "Faster-Score-CAM"}
+
+_ALIASES = {"grad-cam": "gradcam", "gradcam-plus-plus": "gradcam++", "grad-cam++": "gradcam++",
+            "gradcampp": "gradcam++", "gradcam-pp": "gradcam++", "layer-cam": "layercam",
+            "score-cam": "scorecam", "faster-score-cam": "faster-scorecam",
+            "fasterscorecam": "faster-scorecam"}
+
+
+def canonical_method(name: str) -> Optional[str]:
+    """The METHODS key for a method name, or None: case-insensitive, "_" and "-" interchangeable,
+    common spellings accepted ("Grad-CAM++", "gradcam_plus_plus", "score_cam", ...)."""
+    key = str(name).strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    return key if key in METHODS else None
 
 
 def compute(method_name: str, model: Any, images: Any, **kwargs: Any) -> np.ndarray:
@@ -880,9 +920,8 @@ def compute(method_name: str, model: Any, images: Any, **kwargs: Any) -> np.ndar
     Raises:
         CamError: for an unknown method name.
     """
-    key = str(method_name).strip().lower().replace("_", "-")
-    key = _ALIASES.get(key, key)
-    if key not in METHODS:
+    key = canonical_method(method_name)
+    if key is None:
         raise CamError(f"unknown CAM method {method_name!r}; choose one of {sorted(METHODS)}")
     return METHODS[key](model, images, **kwargs)
 

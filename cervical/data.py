@@ -898,21 +898,23 @@ def _pool_map(fn, jobs, workers, progress, label):
     import sys
 
     total = len(jobs)
-    report = progress(label) if progress else None
     out = []
+
+    def done(i: int) -> None:
+        if i % 200 == 0 or i == total:
+            files.report_progress(progress, label, i, total)
+
     if workers <= 1 or total < 64:
         for i, job in enumerate(jobs, 1):
             out.append(fn(job))
-            if report and (i % 200 == 0 or i == total):
-                report(i, total)
+            done(i)
         return out
     # fork is fastest, but unsafe once TensorFlow has started threads in this process.
     ctx = mp.get_context("spawn" if "tensorflow" in sys.modules else "fork")
     with ctx.Pool(workers) as pool:
         for i, res in enumerate(pool.imap(fn, jobs, chunksize=16), 1):
             out.append(res)
-            if report and (i % 200 == 0 or i == total):
-                report(i, total)
+            done(i)
     return out
 
 
@@ -1046,7 +1048,7 @@ class PrepareOptions:
     per_class: Optional[int]
     workers: int
     save_images: bool
-    progress: Optional[Callable[[str], Callable]]
+    progress: Optional[files.Progress]
 
 
 @dataclasses.dataclass
@@ -1099,7 +1101,7 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             interpolation: str = "area", split: str = "grouped", folds: int = 0, augment: int = 6,
             seed: int = 42, per_class: Optional[int] = None, workers: int = 0,
             save_images: bool = True, overwrite: bool = False,
-            progress: Optional[Callable[[str], Callable]] = None) -> dict:
+            progress: Optional[files.Progress] = None) -> dict:
     """Raw dataset -> prepared dataset folder (thesis ch. 5: size analysis, resize, split, augment).
 
     Everything is written to a staging folder beside ``out`` and renamed into place at the end,
@@ -1120,7 +1122,7 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
         overwrite: replace an existing ``out`` that is a prepared dataset (dataset.json, or
             folds.json for K-fold output); any other non-empty folder is refused, and so is a
             ``data_dir`` inside (or equal to) ``out``, with or without overwrite.
-        progress: factory ``progress(label) -> report(done, total)`` for long loops.
+        progress: None, or ``progress(step, done, total)`` for long loops (cervical.files).
     Returns:
         A summary dict (also stored in dataset.json).
     """

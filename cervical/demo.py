@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -77,9 +76,16 @@ def _clear_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _epoch_progress(report: Optional[Callable]) -> list:
-    """A Keras callback reporting 'epoch i/n' and the validation accuracy after every epoch."""
-    if report is None:
+def _prefixed(progress: Optional[Callable], prefix: str) -> Optional[Callable]:
+    """``progress`` with every step name prefixed (None stays None)."""
+    if progress is None:
+        return None
+    return lambda step, done, total: progress(f"{prefix}{step}", done, total)
+
+
+def _epoch_progress(progress: Optional[Callable], name: str) -> list:
+    """A Keras callback reporting each epoch (with loss and validation accuracy) to ``progress``."""
+    if progress is None:
         return []
     import keras
 
@@ -90,20 +96,20 @@ def _epoch_progress(report: Optional[Callable]) -> list:
             logs = logs or {}
             self.total = int(self.params.get("epochs") or epoch + 1)
             self.done = min(epoch + 1, self.total)
-            shown = [f"{k} {logs[k]:.3f}" for k in ("loss", "val_accuracy") if k in logs]
-            report(self.done, self.total, "epochs; " + ", ".join(shown))
+            shown = ", ".join(f"{k} {logs[k]:.3f}" for k in ("loss", "val_accuracy") if k in logs)
+            progress(f"train {name}: epochs ({shown})", self.done, self.total)
 
         def on_train_end(self, logs=None):
-            if 0 < self.done < self.total:      # early stopping: end the progress line
-                sys.stderr.write(" (stopped early)\n")
-                sys.stderr.flush()
+            if 0 < self.done < self.total:      # early stopping: close the line honestly
+                progress(f"train {name}: stopped early after {self.done} of {self.total} epochs",
+                         self.done, self.done)
 
     return [EpochProgress()]
 
 
 def run_demo(out: os.PathLike = "outputs/demo", quick: bool = False, seed: int = 42,
              overwrite: bool = False, say: Callable[[str], None] = print,
-             progress: Optional[Callable[[str], Callable]] = None) -> Dict[str, Any]:
+             progress: Optional[Callable] = None) -> Dict[str, Any]:
     """Run the five study steps on the synthetic dataset and return the headline figures.
 
     Args:
@@ -112,104 +118,139 @@ def run_demo(out: os.PathLike = "outputs/demo", quick: bool = False, seed: int =
         seed: seed of the data, split, augmentation, training and explanations.
         overwrite: replace ``out`` even if it holds something other than an earlier demo.
         say: where step headers and results are printed.
-        progress: factory ``progress(prefix) -> callback(done, total, note)`` for long loops.
+        progress: None, or ``progress(step, done, total)`` for long loops (cervical.files).
 
     Returns:
         dict with "out", "sizes", "seconds" per step, "runs" {name: {"test_accuracy", "macro_f1",
         "run"}}, "chance_accuracy", "cam" {method: {"nucleus_energy", "chance_nucleus_area"}},
         "sanity" {method: passed}, "report" (path of report.md).
     """
-    from cervical import data, files   # TensorFlow only after prepare: its worker pool can fork
+    from cervical import files   # TensorFlow only after prepare: its worker pool can fork
 
     out = Path(out)
     sizes = dict(QUICK_SIZES if quick else DEMO_SIZES)
     _clear_out(out, overwrite)
-    prog = progress or (lambda prefix: None)
+    files.write_json(out / _MARKER, {"quick": quick, "seed": seed, "sizes": sizes,
+                                     "finished": False})
     seconds: Dict[str, float] = {}
-    marker = {"quick": quick, "seed": seed, "sizes": sizes, "finished": False}
-    files.write_json(out / _MARKER, marker)
 
-    def step(name: str, title: str) -> float:
-        say(f"\n== {name}: {title}")
-        return time.perf_counter()
+    def step(key: str, title: str, fn: Callable, *args):
+        say(f"\n== {title}")
+        t = time.perf_counter()
+        value = fn(*args)
+        seconds[key] = time.perf_counter() - t
+        return value
 
-    # 1. prepare ------------------------------------------------------------------------------
-    t = step("1/5 prepare", f"synthetic SIPaKMeD-like set, {sizes['per_class']} cells per class, "
-                            f"{sizes['size']} px, grouped split, x{sizes['augment'] + 1} augmentation")
-    prepared = out / "prepared"
-    summary = data.prepare(dataset="synthetic", data_dir=out / "raw", out=prepared,
-                           size=sizes["size"], split="grouped", augment=sizes["augment"], seed=seed,
-                           per_class=sizes["per_class"], save_images=True, progress=prog)
-    say(data.format_summary(summary))
-    seconds["prepare"] = time.perf_counter() - t
-    from cervical import import_tensorflow_quietly
-    import_tensorflow_quietly()
-    from cervical import explain, report, train
-
-    # 2. train --------------------------------------------------------------------------------
-    runs_dir = out / "runs"
-    common = dict(data=str(prepared), model="tiny", seed=seed, batch_size=32, verbose=0)
-    plans = [
-        ("finetune", "tiny fine-tuned (Adam 1e-3, cross-entropy, best val_loss weights kept)",
-         dict(regime="finetune", epochs=sizes["epochs"])),
-        ("cost-sensitive", "tiny continued with train-label class weights (--init finetune)",
-         dict(regime="cost-sensitive", epochs=sizes["cost_epochs"], model=None,
-              init=str(runs_dir / "finetune"))),
-        ("contrastive", "tiny with SupCon (two views per image), then a frozen-encoder classifier",
-         dict(regime="contrastive", loss="supcon", contrastive_epochs=sizes["contrastive_epochs"],
-              epochs=sizes["contrastive_head_epochs"], online_augment=True)),
-    ]
-    t = step("2/5 train", "three regimes of the study")
-    for name, title, options in plans:
-        say(f"-- {name}: {title}")
-        cfg = train.TrainConfig(**{**common, **options, "out": str(runs_dir / name)})
-        say(train.format_summary(train.train(cfg, callbacks=_epoch_progress(prog("train " + name)))))
-    seconds["train"] = time.perf_counter() - t
-
-    # 3. eval ---------------------------------------------------------------------------------
-    t = step("3/5 eval", "each run on the held-out test split")
-    results: Dict[str, Dict[str, Any]] = {}
-    n_classes = None
-    for name, _, _ in plans:
-        ev = report.evaluate_run(runs_dir / name, split="test", progress=prog("eval " + name),
-                                 n_boot=200, seed=seed)
-        say(report.format_eval(ev))
-        n_classes = len(ev["class_names"])
-        results[name] = {"test_accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
-                         "run": str(runs_dir / name)}
-    seconds["eval"] = time.perf_counter() - t
-
-    # 4. explain ------------------------------------------------------------------------------
-    t = step("4/5 explain", "GradCAM, GradCAM++, LayerCAM, ScoreCAM, Faster-ScoreCAM and LIME on "
-                            "the fine-tuned model, with the quantitative evaluation")
-    ex = explain.explain_run(runs_dir / "finetune", split="test", methods="all", per_class=1,
-                             evaluate=True, n_eval=sizes["n_eval"], n_sanity=sizes["n_sanity"],
-                             sanity_blocks=3, lime_samples=sizes["lime_samples"],
-                             lime_segments=sizes["lime_segments"], seed=seed,
-                             progress=prog("explain"))
-    say(f"explanations written to {ex['out_dir']}")
-    metrics = ex["metrics"] or {}
-    chance_nucleus = ((metrics.get("chance") or {}).get("nucleus_area") or {}).get("mean")
-    cam = {m: {"nucleus_energy": (r.get("nucleus_energy") or {}).get("mean"),
-               "chance_nucleus_area": chance_nucleus,
-               "deletion_auc": (r.get("deletion_auc") or {}).get("mean"),
-               "insertion_auc": (r.get("insertion_auc") or {}).get("mean")}
-           for m, r in (metrics.get("methods") or {}).items()}
-    sanity = {m: s.get("passed") for m, s in (metrics.get("sanity") or {}).items()}
-    seconds["explain"] = time.perf_counter() - t
-
-    # 5. report -------------------------------------------------------------------------------
-    t = step("5/5 report", "the study's tables and figures over the three runs")
-    report_path = report.build_report([runs_dir / name for name, _, _ in plans], out / "report",
-                                      split="test", progress=prog("report"))
-    seconds["report"] = time.perf_counter() - t
-
+    prepared = step("prepare", f"1/5 prepare: synthetic SIPaKMeD-like set, {sizes['per_class']} "
+                    f"cells per class, {sizes['size']} px, grouped split, x{sizes['augment'] + 1} "
+                    f"augmentation", _prepare, out, sizes, seed, say, progress)
+    runs = step("train", "2/5 train: three regimes of the study", _train, prepared,
+                out / "runs", sizes, seed, say, progress)
+    results = step("eval", "3/5 eval: each run on the held-out test split", _evaluate, runs,
+                   seed, say, progress)
+    explained = step("explain", "4/5 explain: GradCAM, GradCAM++, LayerCAM, ScoreCAM, "
+                     "Faster-ScoreCAM and LIME on the fine-tuned model, with the quantitative "
+                     "evaluation", _explain, runs["finetune"], sizes, seed, say, progress)
+    report_path = step("report", "5/5 report: the study's tables and figures over the three runs",
+                       _report, list(runs.values()), out / "report", progress)
+    n_classes = len(next(iter(results.values()))["class_names"])
     result = {"out": str(out), "quick": quick, "seed": seed, "sizes": sizes, "seconds": seconds,
-              "runs": results, "chance_accuracy": 1.0 / n_classes if n_classes else None,
-              "cam": cam, "sanity": sanity, "explain_dir": ex["out_dir"],
+              "runs": {k: {key: v[key] for key in ("test_accuracy", "macro_f1", "run")}
+                       for k, v in results.items()},
+              "chance_accuracy": 1.0 / n_classes, **explained,
               "report": str(report_path), "finished": True}
     files.write_json(out / _MARKER, result)
     return result
+
+
+def _prepare(out: Path, sizes: dict, seed: int, say: Callable, progress) -> Path:
+    """Step 1: generate the synthetic raw set and prepare it (grouped split, augmentation)."""
+    from cervical import data
+
+    prepared = out / "prepared"
+    summary = data.prepare(dataset="synthetic", data_dir=out / "raw", out=prepared,
+                           size=sizes["size"], split="grouped", augment=sizes["augment"], seed=seed,
+                           per_class=sizes["per_class"], save_images=True,
+                           progress=_prefixed(progress, "prepare: "))
+    say(data.format_summary(summary))
+    from cervical import import_tensorflow_quietly
+    import_tensorflow_quietly()
+    return prepared
+
+
+#: The demo's three runs: name, what it is, TrainConfig options (sizes filled in by _train).
+_PLANS = (
+    ("finetune", "tiny fine-tuned (Adam 1e-3, cross-entropy, best val_loss weights kept)",
+     dict(regime="finetune")),
+    ("cost-sensitive", "tiny continued with train-label class weights (--init finetune)",
+     dict(regime="cost-sensitive", model=None)),
+    ("contrastive", "tiny with SupCon (two views per image), then a frozen-encoder classifier",
+     dict(regime="contrastive", loss="supcon", online_augment=True)),
+)
+
+
+def _train(prepared: Path, runs_dir: Path, sizes: dict, seed: int, say: Callable,
+           progress) -> Dict[str, Path]:
+    """Step 2: fine-tune tiny, continue it cost-sensitively, train one SupCon run."""
+    from cervical import train
+
+    epochs = {"finetune": dict(epochs=sizes["epochs"]),
+              "cost-sensitive": dict(epochs=sizes["cost_epochs"],
+                                     init=str(runs_dir / "finetune")),
+              "contrastive": dict(contrastive_epochs=sizes["contrastive_epochs"],
+                                  epochs=sizes["contrastive_head_epochs"])}
+    runs = {}
+    for name, title, options in _PLANS:
+        say(f"-- {name}: {title}")
+        cfg = train.TrainConfig(data=str(prepared), model="tiny", seed=seed, batch_size=32,
+                                verbose=0, out=str(runs_dir / name), **{**options, **epochs[name]})
+        say(train.format_summary(train.train(cfg, callbacks=_epoch_progress(progress, name))))
+        runs[name] = runs_dir / name
+    return runs
+
+
+def _evaluate(runs: Dict[str, Path], seed: int, say: Callable, progress) -> Dict[str, dict]:
+    """Step 3: every run on the test split (metrics, tables, figures in RUN/eval/test)."""
+    from cervical import report
+
+    results = {}
+    for name, run in runs.items():
+        ev = report.evaluate_run(run, split="test", progress=_prefixed(progress, f"eval {name}: "),
+                                 n_boot=200, seed=seed)
+        say(report.format_eval(ev))
+        results[name] = {"test_accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
+                         "run": str(run), "class_names": ev["class_names"]}
+    return results
+
+
+def _explain(run: Path, sizes: dict, seed: int, say: Callable, progress) -> Dict[str, Any]:
+    """Step 4: every method on the fine-tuned model, with the quantitative XAI evaluation."""
+    from cervical import explain
+
+    ex = explain.explain_run(run, split="test", methods="all", per_class=1, evaluate=True,
+                             n_eval=sizes["n_eval"], n_sanity=sizes["n_sanity"], sanity_blocks=3,
+                             lime_samples=sizes["lime_samples"],
+                             lime_segments=sizes["lime_segments"], seed=seed,
+                             progress=_prefixed(progress, "explain: "))
+    say(f"explanations written to {ex['out_dir']}")
+    metrics = ex["metrics"] or {}
+    chance = ((metrics.get("chance") or {}).get("nucleus_area") or {}).get("mean")
+
+    def mean(r: dict, key: str):
+        return (r.get(key) or {}).get("mean")
+
+    cam = {m: {"nucleus_energy": mean(r, "nucleus_energy"), "chance_nucleus_area": chance,
+               "deletion_auc": mean(r, "deletion_auc"), "insertion_auc": mean(r, "insertion_auc")}
+           for m, r in (metrics.get("methods") or {}).items()}
+    sanity = {m: s.get("passed") for m, s in (metrics.get("sanity") or {}).items()}
+    return {"cam": cam, "sanity": sanity, "explain_dir": ex["out_dir"]}
+
+
+def _report(runs: list, out: Path, progress) -> Path:
+    """Step 5: the study's tables and figures over the three runs."""
+    from cervical import report
+
+    return report.build_report(runs, out, split="test", progress=_prefixed(progress, "report: "))
 
 
 def format_demo(result: Dict[str, Any]) -> str:

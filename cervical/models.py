@@ -66,7 +66,7 @@ __all__ = ["ModelError", "WeightsError", "BackboneSpec", "BACKBONES", "MODEL_NAM
            "Preprocess", "build_model", "build_encoder", "add_projection_head",
            "build_contrastive_classifier", "feature_layer_name", "check_input_size",
            "keras_cache_dir", "imagenet_weights_file", "resolve_weights", "study_layer_names",
-           "preprocess_mode"]
+           "preprocess_mode", "predict_proba", "as_probabilities"]
 
 VARIANTS = ("standard", "thesis")
 TINY_MIN_SIZE = 8            # a stride-2 conv and two 2x2 poolings leave at least a 1x1 map
@@ -572,3 +572,50 @@ def feature_layer_name(model_or_name: Union[keras.Model, str], variant: str = "s
             return candidate
     raise ModelError(f"model {model_or_name.name!r}: no known feature layer "
                      f"({', '.join(_FEATURE_CANDIDATES)}); pass the CAM layer name explicitly")
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction
+# ------------------------------------------------------------------------------------------------
+
+def as_probabilities(outputs) -> "np.ndarray":
+    """The one rule for model outputs: probabilities as they are, anything else is logits.
+
+    Rows that are probability distributions (every value >= 0, each row summing to 1 within 1e-3)
+    are returned unchanged (as float64); any other output is taken as logits z and turned into
+    probabilities with the softmax p_k = exp(z_k - max z) / sum_j exp(z_j - max z). Every model this
+    package builds ends in a softmax; the rule lets eval, explain and LIME agree on any other.
+    """
+    import numpy as np
+
+    p = np.asarray(outputs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ModelError(f"model output has shape {p.shape}; expected (N, classes)")
+    if p.size and (p.min() < 0 or np.any(np.abs(p.sum(axis=1) - 1.0) > 1e-3)):
+        z = np.exp(p - p.max(axis=1, keepdims=True))
+        p = z / z.sum(axis=1, keepdims=True)
+    return p
+
+
+def predict_proba(model: keras.Model, x, batch_size: int = 64, progress=None) -> "np.ndarray":
+    """Class probabilities (N, K), float64, of raw RGB images (uint8 or float), in batches.
+
+    Args:
+        model: a Keras model taking raw 0..255 RGB (preprocessing inside the model).
+        x: (N, H, W, 3) images.
+        batch_size: images per forward pass.
+        progress: None, or ``progress(step, done, total)`` after every batch.
+    Returns:
+        ``as_probabilities`` of the stacked outputs (the one rule for logits vs probabilities).
+    """
+    import numpy as np
+
+    n = int(len(x))
+    out = []
+    for start in range(0, n, int(batch_size)):
+        batch = np.asarray(x[start:start + batch_size], dtype=np.float32)
+        y = model.predict_on_batch(batch)
+        out.append(np.asarray(y.numpy() if hasattr(y, "numpy") else y, dtype=np.float64))
+        if progress is not None:
+            progress("predict", min(start + batch_size, n), n)
+    return as_probabilities(np.concatenate(out) if out else np.zeros((0, 0)))

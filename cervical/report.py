@@ -20,6 +20,7 @@ Every file is written atomically (temp file in the same folder, then ``os.replac
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import io
 import json
@@ -40,7 +41,6 @@ __all__ = [
     "REGIMES",
     "load_published",
     "protocol_label",
-    "predict_proba",
     "classification_table",
     "plot_confusion_matrix",
     "plot_reliability",
@@ -59,8 +59,8 @@ REGIMES = {
     "baseline": ("End-to-end baseline", "the study's from-scratch comparison, in its notebooks only"),
 }
 
-#: Display names, in the row order of thesis Tables 6.2-6.4.
-MODEL_NAMES = {"vgg16": "VGG16", "vgg19": "VGG19", "densenet169": "DenseNet169",
+#: Display labels of models.MODEL_NAMES, in the row order of thesis Tables 6.2-6.4.
+MODEL_LABELS = {"vgg16": "VGG16", "vgg19": "VGG19", "densenet169": "DenseNet169",
                "mobilenetv2": "MobileNetV2", "resnet50": "ResNet50", "tiny": "Tiny CNN"}
 
 #: Metrics aggregated (mean ± std) over folds or repeated runs.
@@ -71,7 +71,7 @@ AGG_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "weig
 EVAL_FILES = ("metrics.json", "predictions.csv", "classification.md", "classification.csv",
               "classification.tex", "confusion_matrix.png", "reliability.png")
 
-Progress = Optional[Union[bool, Callable[[int, int, str], None]]]
+Progress = Optional[files.Progress]
 
 
 class ReportError(ValueError):
@@ -79,80 +79,8 @@ class ReportError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# small helpers: atomic writes, progress, formatting
+# small helpers: formatting
 # --------------------------------------------------------------------------------------------
-def _atomic_bytes(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return _atomic_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return _finite(float(o))
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _clean(obj):
-    """Replace NaN/inf floats by None, recursively (metrics.json stays strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float):
-        return _finite(obj)
-    return obj
-
-
-def _write_json(path: Path, obj) -> Path:
-    return _write_text(path, json.dumps(_clean(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> Path:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        w.writerow(["" if v is None else v for v in r])
-    return _write_text(path, buf.getvalue())
-
-
-def _save_fig(fig, path: Path, dpi: int = 120) -> Path:
-    """Render a Matplotlib Figure with the Agg canvas and write it atomically as PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    fig.clf()
-    return _atomic_bytes(path, buf.getvalue())
-
-
-def _progress_fn(progress: Progress) -> Optional[Callable[[int, int, str], None]]:
-    """None/False -> quiet; True -> a one-line stderr counter; a callable (done, total, note) -> itself."""
-    if not progress:
-        return None
-    if callable(progress):
-        return progress
-
-    def report(done: int, total: int, note: str = "") -> None:
-        sys.stderr.write(f"\r{note or 'progress'}: {done}/{total}" + ("\n" if done >= total else ""))
-        sys.stderr.flush()
-    return report
-
-
 def _finite(x) -> Optional[float]:
     if x is None:
         return None
@@ -309,36 +237,6 @@ def _load_model(path: Path):
                           f"retrain the run or check the Keras version") from None
 
 
-def predict_proba(model, x: np.ndarray, batch_size: int = 64, progress: Progress = None) -> np.ndarray:
-    """Class probabilities of a Keras model on raw RGB images, in batches.
-
-    Args:
-        model: a Keras model taking raw 0–255 RGB float input (preprocessing inside the model).
-        x: uint8 or float array (N, H, W, 3).
-        batch_size: images per forward pass.
-        progress: None/False quiet, True a stderr counter, or a callable (done, total, note).
-
-    Returns:
-        float64 array (N, K).  If the model outputs logits (rows not summing to 1), a softmax is
-        applied: p_k = exp(z_k − max z) / Σ_j exp(z_j − max z).
-    """
-    report = _progress_fn(progress)
-    n = int(x.shape[0])
-    out = []
-    for i in range(0, n, int(batch_size)):
-        xb = np.asarray(x[i:i + batch_size], dtype=np.float32)
-        out.append(np.asarray(model.predict_on_batch(xb), dtype=np.float64))
-        if report:
-            report(min(i + batch_size, n), n, "predict")
-    p = np.concatenate(out, axis=0) if out else np.zeros((0, 0))
-    if p.ndim != 2:
-        raise ReportError(f"model output has shape {p.shape}; expected (N, classes) probabilities")
-    if p.size and (p.min() < 0 or np.any(np.abs(p.sum(axis=1) - 1.0) > 1e-3)):
-        z = p - p.max(axis=1, keepdims=True)
-        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    return p
-
-
 def classification_table(summary: dict) -> Tuple[List[str], List[List[str]]]:
     """The thesis layout of Tables 6.2–6.4 for one model: class rows, then macro and weighted averages.
 
@@ -402,7 +300,7 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], path: os.PathLike, tit
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     ax.set_title(title or "Confusion matrix (rows: true, columns: predicted)")
-    return _save_fig(fig, Path(path))
+    return files.save_figure(fig, path)
 
 
 def plot_reliability(reliability: dict, ece: Optional[float], path: os.PathLike, title: str = "") -> Path:
@@ -441,7 +339,7 @@ def plot_reliability(reliability: dict, ece: Optional[float], path: os.PathLike,
     ax2.bar(centers, count, width=width, color="gray", edgecolor="black")
     ax2.set_xlabel("Confidence (max probability)")
     ax2.set_ylabel("Count")
-    return _save_fig(fig, Path(path))
+    return files.save_figure(fig, path)
 
 
 def _resolve_eval_inputs(run: Path, data_dir, split: str):
@@ -481,7 +379,7 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
         data_dir: prepared dataset to evaluate on (default: the run's own).
         split: "test", "val", "train" or "all".
         out_dir: where to write (default above).
-        progress: None/False quiet, True a stderr counter, or a callable (done, total, note).
+        progress: None, or ``progress(step, done, total)`` (cervical.files.Progress).
         batch_size: images per forward pass.
         n_boot: bootstrap resamples for the intervals (0: none).
         seed: bootstrap seed.
@@ -496,10 +394,42 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
             or a model whose output size differs from the number of classes.
         cervical.data.DataError: the prepared dataset is missing, broken or the split is empty.
     """
-    from cervical import data as cdata
+    from cervical import models
 
     run = Path(run_dir)
     config, data, external = _resolve_eval_inputs(run, data_dir, split)
+    cells = _eval_cells(config, data, split)
+    prob = models.predict_proba(_load_model(run / "model.keras"), cells.x, batch_size=batch_size,
+                                progress=progress)
+    if prob.shape[1] != len(cells.names):
+        raise ReportError(f"{run / 'model.keras'}: outputs {prob.shape[1]} classes but {data} has "
+                          f"{len(cells.names)} ({', '.join(cells.names)}); evaluate on data of the "
+                          f"run's task")
+    summary = metrics.summarize(cells.y, prob.argmax(axis=1), cells.names, y_prob=prob,
+                                abnormal=abnormal, n_boot=n_boot, seed=seed)
+    summary["meta"] = _eval_meta(run, config, data, split, external, cells, n_boot, seed)
+    if out_dir is None:
+        sub = split if not external else f"external-{_slug(data.name)}-{split}"
+        out_dir = run / "eval" / sub
+    summary["files"] = _write_eval_files(Path(out_dir), summary, cells, prob, config, run, split)
+    return summary
+
+
+@dataclasses.dataclass
+class _EvalCells:
+    """The original (not augmented) images of a split, labelled in the run's class order."""
+
+    x: np.ndarray
+    y: np.ndarray
+    paths: List[str]
+    names: List[str]
+    info: dict
+    augmented_excluded: int
+
+
+def _eval_cells(config: dict, data: Path, split: str) -> _EvalCells:
+    from cervical import data as cdata
+
     info = cdata.read_info(data)
     part = cdata.load_split(data, split)
     names = list(part.class_names)
@@ -507,73 +437,62 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
     run_names = config.get("class_names")
     if run_names and list(run_names) != names:
         if sorted(run_names) != sorted(names):
-            raise ReportError(f"--data {data}: classes {names} differ from the run's {list(run_names)}; "
-                              f"evaluate on a dataset prepared with the same --task or --class-map")
-        y = np.array([list(run_names).index(names[i]) for i in y], dtype=np.int64)  # same set, other order
-        names = list(run_names)
+            raise ReportError(f"--data {data}: classes {names} differ from the run's "
+                              f"{list(run_names)}; evaluate on a dataset prepared with the same "
+                              f"--task or --class-map")
+        y = np.array([list(run_names).index(names[i]) for i in y], dtype=np.int64)
+        names = list(run_names)                  # same set, other order
     keep = ~np.asarray(part.augmented, dtype=bool)
     if not keep.any():
         raise ReportError(f"--split {split}: only augmented copies in {data}; choose another split")
-    x = part.x[keep]
-    y = y[keep]
-    paths = [p for p, k in zip(part.paths, keep) if k]
+    return _EvalCells(part.x[keep], y[keep], [p for p, k in zip(part.paths, keep) if k], names,
+                      info, int((~keep).sum()))
 
-    model = _load_model(run / "model.keras")
-    prob = predict_proba(model, x, batch_size=batch_size, progress=progress)
-    if prob.shape[1] != len(names):
-        raise ReportError(f"{run / 'model.keras'}: outputs {prob.shape[1]} classes but {data} has "
-                          f"{len(names)} ({', '.join(names)}); evaluate on data of the run's task")
-    pred = prob.argmax(axis=1)
-    summary = metrics.summarize(y, pred, names, y_prob=prob, abnormal=abnormal, n_boot=n_boot, seed=seed)
+
+def _eval_meta(run: Path, config: dict, data: Path, split: str, external: bool,
+               cells: _EvalCells, n_boot: int, seed: int) -> dict:
+    """metrics.json's "meta": what was evaluated, on which data and protocol, with which versions."""
+    info = cells.info
+    protocol = info.get("split", config.get("split_protocol"))
     fold, folds = _fold_of(config, info, str(data))
-    summary["meta"] = {
-        "run": str(run.resolve()),
-        "model": config.get("model"),
-        "regime": config.get("regime"),
-        "loss": config.get("loss"),
-        "variant": config.get("variant"),
-        "split": split,
-        "data_dir": str(data.resolve()),
-        "dataset": info.get("dataset"),
-        "task": info.get("task"),
-        "split_protocol": info.get("split", config.get("split_protocol")),
-        "protocol": protocol_label(info.get("split", config.get("split_protocol")), fold, folds),
-        "fold": fold,
-        "folds": folds,
-        "external": bool(external),
-        "augmented_excluded": int((~keep).sum()),
-        "n_boot": int(n_boot),
-        "seed": int(seed),
+    eval_versions = files.library_versions()
+    return {
+        "run": str(run.resolve()), "model": config.get("model"), "regime": config.get("regime"),
+        "loss": config.get("loss"), "variant": config.get("variant"), "split": split,
+        "data_dir": str(data.resolve()), "dataset": info.get("dataset"), "task": info.get("task"),
+        "split_protocol": protocol, "protocol": protocol_label(protocol, fold, folds),
+        "fold": fold, "folds": folds, "external": bool(external),
+        "augmented_excluded": cells.augmented_excluded, "n_boot": int(n_boot), "seed": int(seed),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": config.get("versions"),
-        "eval_versions": files.library_versions(),
-        "untested_versions": untested_version_notes(config.get("versions"), files.library_versions()),
+        "versions": config.get("versions"), "eval_versions": eval_versions,
+        "untested_versions": untested_version_notes(config.get("versions"), eval_versions),
     }
 
-    if out_dir is None:
-        sub = split if not external else f"external-{_slug(data.name)}-{split}"
-        out_dir = run / "eval" / sub
-    out = Path(out_dir)
+
+def _write_eval_files(out: Path, summary: dict, cells: _EvalCells, prob: np.ndarray,
+                      config: dict, run: Path, split: str) -> Dict[str, str]:
+    """The eval folder: metrics.json, predictions.csv, the thesis table (MD/CSV/TeX), figures."""
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    files["metrics.json"] = _write_json(out / "metrics.json", summary)
-    files["predictions.csv"] = _write_csv(
+    names, pred = cells.names, prob.argmax(axis=1)
+    written = {"metrics.json": files.write_json(out / "metrics.json", summary)}
+    written["predictions.csv"] = files.write_csv(
         out / "predictions.csv", ["path", "true", "predicted"] + [f"prob_{c}" for c in names],
-        [[p, names[t], names[q]] + [f"{v:.6f}" for v in pr] for p, t, q, pr in zip(paths, y, pred, prob)])
+        [[p, names[t], names[q]] + [f"{v:.6f}" for v in pr]
+         for p, t, q, pr in zip(cells.paths, cells.y, pred, prob)])
     header, rows = classification_table(summary)
-    label = f"{MODEL_NAMES.get(config.get('model'), config.get('model') or run.name)}"
+    label = MODEL_LABELS.get(config.get("model"), config.get("model") or run.name)
     caption = (f"{label} ({config.get('regime') or 'run'}), {split} split, n = {summary['n']}, "
                f"{summary['meta']['protocol']} protocol")
-    files["classification.md"] = _write_text(out / "classification.md", f"**{caption}**\n\n" + _md_table(header, rows))
-    files["classification.csv"] = _write_csv(out / "classification.csv", header, rows)
-    files["classification.tex"] = _write_text(out / "classification.tex",
-                                              _tex_table(header, rows, caption, f"tab:{_slug(label)}-{split}"))
-    files["confusion_matrix.png"] = plot_confusion_matrix(summary["confusion_matrix"], names,
-                                                          out / "confusion_matrix.png", title=caption)
-    files["reliability.png"] = plot_reliability(summary["reliability"], summary["ece"], out / "reliability.png",
-                                                title=label)
-    summary["files"] = {k: str(v) for k, v in files.items()}
-    return summary
+    written["classification.md"] = files.write_text(out / "classification.md",
+                                                    f"**{caption}**\n\n" + _md_table(header, rows))
+    written["classification.csv"] = files.write_csv(out / "classification.csv", header, rows)
+    written["classification.tex"] = files.write_text(
+        out / "classification.tex", _tex_table(header, rows, caption, f"tab:{_slug(label)}-{split}"))
+    written["confusion_matrix.png"] = plot_confusion_matrix(
+        summary["confusion_matrix"], names, out / "confusion_matrix.png", title=caption)
+    written["reliability.png"] = plot_reliability(summary["reliability"], summary["ece"],
+                                                  out / "reliability.png", title=label)
+    return {k: str(v) for k, v in written.items()}
 
 
 def untested_version_notes(train_versions: Optional[dict], eval_versions: Optional[dict]) -> List[str]:
@@ -659,7 +578,7 @@ def _collect_run(run: Path, split: str, evaluate_missing: bool, progress: Progre
 
 
 def _group_label(r: dict) -> str:
-    label = MODEL_NAMES.get(r["model"], r["model"])
+    label = MODEL_LABELS.get(r["model"], r["model"])
     if r["regime"] == "contrastive" and r["loss"]:
         label += f" ({r['loss']})"
     if r["variant"] == "thesis":
@@ -677,7 +596,7 @@ def _group_runs(records: List[dict]) -> List[dict]:
                                     "label": _group_label(r), "runs": []})
         g["runs"].append(r)
     order = {k: i for i, k in enumerate(REGIMES)}
-    models = {m: i for i, m in enumerate(MODEL_NAMES)}
+    models = {m: i for i, m in enumerate(MODEL_LABELS)}
     out = sorted(groups.values(), key=lambda g: (order.get(g["regime"], len(order)), g["regime"],
                                                  models.get(g["model"], len(models)), g["label"],
                                                  str(g["dataset"]), g["protocol"]))
@@ -789,7 +708,7 @@ def _plot_accuracy_bars(groups: List[dict], published: dict, title: str, path: P
     ax.set_ylabel("Accuracy (%)")
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    return _save_fig(fig, path)
+    return files.save_figure(fig, path)
 
 
 def _read_history(path: Path) -> Optional[Tuple[np.ndarray, np.ndarray]]:
@@ -819,39 +738,45 @@ def _plot_contrastive_losses(records: List[dict], path: Path) -> Optional[Path]:
     for i, (loss, items) in enumerate(sorted(curves.items())):
         ax = fig.add_subplot(1, len(curves), i + 1)
         for r, (ep, lv) in items:
-            lab = MODEL_NAMES.get(r["model"], r["model"]) + (f" fold {r['fold']}" if r["fold"] is not None else "")
+            lab = MODEL_LABELS.get(r["model"], r["model"]) + (f" fold {r['fold']}" if r["fold"] is not None else "")
             ax.plot(ep, lv, marker="o", ms=2, lw=1.2, label=lab)
         ax.set_title(f"({chr(ord('a') + i)}) {loss} loss")
         ax.set_xlabel("Epoch")
         ax.set_ylabel("Loss")
         ax.legend(fontsize=7)
     fig.suptitle("Contrastive pre-training loss (cf. thesis Fig. 6.3)")
-    return _save_fig(fig, path)
+    return files.save_figure(fig, path)
 
 
-def _comparison_rows(groups: List[dict], published: dict) -> Tuple[List[str], List[list]]:
-    """Thesis Table 7.1 rows followed by ours, each with its dataset and split protocol."""
-    header = ["Author/Year", "Method", "Dataset", "Split protocol", "Accuracy", "95 % CI / std", "Source"]
-    rows = []
-    for p in published.get("table_7_1", []):
-        rows.append([f"{p['author']}/{p['year']} {p.get('ref', '')}".strip(), p["method"], p.get("dataset", ""),
-                     protocol_label(p.get("split_protocol")), p["accuracy"], "", p.get("citation", "")])
+#: Columns of comparison.csv (thesis Table 7.1 with our runs added).
+COMPARISON_COLUMNS = ("Author/Year", "Method", "Dataset", "Split protocol", "Accuracy",
+                      "95 % CI / std", "Source")
+
+
+def _comparison_rows(groups: List[dict], published: dict) -> Tuple[Tuple[str, ...], List[dict]]:
+    """Thesis Table 7.1 rows followed by ours (best first), each with its dataset and protocol."""
+    rows = [dict(zip(COMPARISON_COLUMNS, (
+        f"{p['author']}/{p['year']} {p.get('ref', '')}".strip(), p["method"], p.get("dataset", ""),
+        protocol_label(p.get("split_protocol")), p["accuracy"], "", p.get("citation", ""))))
+        for p in published.get("table_7_1", [])]
     ours = []
     for g in groups:
         m, s = g["metrics"]["accuracy"]
         spread = (f"± {s:.4f} ({g['n_runs']} {g['kind']})" if s is not None else
-                  f"[{g['ci']['accuracy']['low']:.4f}, {g['ci']['accuracy']['high']:.4f}]" if g["ci"] else "")
+                  f"[{g['ci']['accuracy']['low']:.4f}, {g['ci']['accuracy']['high']:.4f}]"
+                  if g["ci"] else "")
         regime = REGIMES.get(g["regime"], (g["regime"],))[0]
-        runs = ", ".join(str(r["run"]) for r in g["runs"])
-        ours.append(["This report", f"{regime}, {g['label']}", g["dataset"] or "", g["protocol"], m, spread, runs])
-    ours.sort(key=lambda r: -(r[4] if r[4] is not None else -1))
-    return header, rows + ours
+        ours.append(dict(zip(COMPARISON_COLUMNS, (
+            "This report", f"{regime}, {g['label']}", g["dataset"] or "", g["protocol"], m, spread,
+            ", ".join(str(r["run"]) for r in g["runs"])))))
+    ours.sort(key=lambda r: -(r["Accuracy"] if r["Accuracy"] is not None else -1))
+    return COMPARISON_COLUMNS, rows + ours
 
 
-def _short_source(row: list) -> str:
+def _short_source(row: dict) -> str:
     """Markdown cell for the source column: the citation cut to its title, or the run folder names."""
-    text = str(row[6] or "")
-    if row[0] == "This report":
+    text = str(row["Source"] or "")
+    if row["Author/Year"] == "This report":
         names = [Path(p.strip()).name for p in text.split(",")]
         return ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
     return text if len(text) <= 90 else text[:90].rsplit(" ", 1)[0] + " …"
@@ -913,117 +838,164 @@ def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: s
     if split not in SPLITS:
         raise ReportError(f"--split {split}: unknown; choose one of {', '.join(SPLITS)}")
     published = published if published is not None else load_published()
-    report = _progress_fn(progress)
+    records = _collect_runs(run_dirs, split, evaluate_missing, progress)
+    groups = _group_runs(records)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = _report_intro(split, records, groups)
+    md += _runs_section(records, out)
+    for regime in _regimes_present(groups):
+        md += _regime_section(regime, [g for g in groups if g["regime"] == regime], published, out)
+    md += _contrastive_section(records, out)
+    md += _aggregate_section(groups, out)
+    md += ["## Library versions", ""] + _version_lines(records) + [""]
+    md += _comparison_section(groups, published, out)
+    md += _confusion_section(groups, out)
+    files.write_json(out / "report.json", _report_json(split, records, groups))
+    return files.write_text(out / "report.md", "\n".join(md))
+
+
+def _collect_runs(run_dirs: Sequence[os.PathLike], split: str, evaluate_missing: bool,
+                  progress: Progress) -> List[dict]:
+    """One record per distinct run folder; every run must have the same classes."""
     unique = list(dict.fromkeys(Path(rd).resolve() for rd in run_dirs))  # a run given twice counts once
     records = []
     for i, rd in enumerate(unique):
         records.append(_collect_run(Path(rd), split, evaluate_missing, progress))
-        if report:
-            report(i + 1, len(unique), "runs")
+        files.report_progress(progress, "report: runs", i + 1, len(unique))
     first = records[0]["summary"]["class_names"]
     for r in records[1:]:
         if r["summary"]["class_names"] != first:
             raise ReportError(f"--runs: {r['run']} has classes {r['summary']['class_names']} but "
                               f"{records[0]['run']} has {first}; report runs of one task together")
-    groups = _group_runs(records)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    return records
 
-    md = [f"# Results report ({split} split)", "",
-          f"{len(records)} run(s), {len(groups)} model group(s); generated "
-          f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} by cervical.", "",
-          "**Split protocol matters.** *cell-level (thesis)* is the study's split: cells cut from one cluster "
-          "image can sit in train and test (745 of SIPaKMeD's 812 test cells do), so its numbers are "
-          "optimistic. *grouped* keeps each cluster image in one split. Numbers on other datasets (e.g. the "
-          "synthetic default) are not comparable with SIPaKMeD numbers; the *Dataset* column says which is which.",
-          ""]
 
-    # --- per-run table -------------------------------------------------------------------
-    run_header = ["run", "model", "regime", "loss", "variant", "dataset", "protocol", "fold", "n", "accuracy",
-                  "accuracy_low", "accuracy_high", "macro_f1", "macro_f1_low", "macro_f1_high",
-                  "balanced_accuracy", "weighted_f1", "kappa", "roc_auc", "log_loss", "ece", "sensitivity",
-                  "specificity"]
-    run_rows = []
-    for r in records:
-        s = r["summary"]
-        ci = s.get("ci", {})
-        run_rows.append([str(r["run"]), r["model"], r["regime"], r["loss"], r["variant"], r["dataset"], r["protocol"],
-                         r["fold"], s["n"], s["accuracy"], ci.get("accuracy", {}).get("low"),
-                         ci.get("accuracy", {}).get("high"), s["macro_f1"], ci.get("macro_f1", {}).get("low"),
-                         ci.get("macro_f1", {}).get("high")] + [s.get(m) for m in
-                        ("balanced_accuracy", "weighted_f1", "kappa", "roc_auc", "log_loss", "ece", "sensitivity",
-                         "specificity")])
-    _write_csv(out / "runs.csv", run_header, run_rows)
-    md += ["## Runs", "",
-           _md_table(["Run", "Model", "Regime", "Dataset", "Protocol", "n", "Accuracy [95 % CI]",
-                      "Macro-F1 [95 % CI]", "Bal. acc.", "Kappa", "ECE", "Sens. / Spec. (abnormal)"],
-                     [[Path(r[0]).name, MODEL_NAMES.get(r[1], r[1]), r[2] + (f" ({r[3]})" if r[3] else ""), r[5],
-                       r[6] + (f" fold {r[7]}" if r[7] is not None else ""), r[8],
-                       _fmt(r[9]) + (f" [{r[10]:.4f}, {r[11]:.4f}]" if r[10] is not None else ""),
-                       _fmt(r[12]) + (f" [{r[13]:.4f}, {r[14]:.4f}]" if r[13] is not None else ""),
-                       _fmt(r[15]), _fmt(r[17]), _fmt(r[20]), f"{_fmt(r[21])} / {_fmt(r[22])}"] for r in run_rows]),
-           "Full numbers: [runs.csv](runs.csv).", ""]
+def _report_intro(split: str, records: List[dict], groups: List[dict]) -> List[str]:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return [f"# Results report ({split} split)", "",
+            f"{len(records)} run(s), {len(groups)} model group(s); generated {now} by cervical.", "",
+            "**Split protocol matters.** *cell-level (thesis)* is the study's split: cells cut from "
+            "one cluster image can sit in train and test (745 of SIPaKMeD's 812 test cells do), so "
+            "its numbers are optimistic. *grouped* keeps each cluster image in one split. Numbers "
+            "on other datasets (e.g. the synthetic default) are not comparable with SIPaKMeD "
+            "numbers; the *Dataset* column says which is which.", ""]
 
-    # --- study tables and bar charts per regime ------------------------------------------
-    regimes = [k for k in REGIMES if any(g["regime"] == k for g in groups)]
-    regimes += sorted({g["regime"] for g in groups} - set(REGIMES))
-    for regime in regimes:
-        gs = [g for g in groups if g["regime"] == regime]
-        title, ref = REGIMES.get(regime, (regime, "no counterpart in the thesis"))
-        mh, mrows, ch, crows = _study_table(gs, published)
-        slug = _slug(regime)
-        _write_text(out / f"table_{slug}.md", f"**{title}** ({ref})\n\n" + _md_table(mh, mrows))
-        _write_csv(out / f"table_{slug}.csv", ch, crows)
-        fig = _plot_accuracy_bars(gs, published, f"{title}: accuracy per model", out / f"fig_accuracy_{slug}.png")
-        md += [f"## {title} ({ref})", "", _md_table(mh, mrows),
-               f"CSV: [table_{slug}.csv](table_{slug}.csv). Per-class rows are per-class scores (the thesis "
-               "headed them 'weighted'); thesis values are on SIPaKMeD with its cell-level split.", "",
-               f"![{title}: accuracy per model]({fig.name})", ""]
 
-    # --- contrastive loss curves (Fig. 6.3) ----------------------------------------------
+#: Columns of runs.csv, one row per run.
+RUN_COLUMNS = ("run", "model", "regime", "loss", "variant", "dataset", "protocol", "fold", "n",
+               "accuracy", "accuracy_low", "accuracy_high", "macro_f1", "macro_f1_low",
+               "macro_f1_high", "balanced_accuracy", "weighted_f1", "kappa", "roc_auc", "log_loss",
+               "ece", "sensitivity", "specificity")
+
+
+def _run_row(r: dict) -> dict:
+    """runs.csv row of one run record, by column name."""
+    s, ci = r["summary"], r["summary"].get("ci", {})
+    row = {k: r[k] for k in ("model", "regime", "loss", "variant", "dataset", "protocol", "fold")}
+    row.update(run=str(r["run"]), n=s["n"])
+    for m in ("accuracy", "macro_f1"):
+        row.update({m: s[m], f"{m}_low": ci.get(m, {}).get("low"),
+                    f"{m}_high": ci.get(m, {}).get("high")})
+    for m in ("balanced_accuracy", "weighted_f1", "kappa", "roc_auc", "log_loss", "ece",
+              "sensitivity", "specificity"):
+        row[m] = s.get(m)
+    return row
+
+
+def _with_ci(row: dict, metric: str) -> str:
+    low, high = row[f"{metric}_low"], row[f"{metric}_high"]
+    return _fmt(row[metric]) + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
+
+
+def _runs_section(records: List[dict], out: Path) -> List[str]:
+    rows = [_run_row(r) for r in records]
+    files.write_csv(out / "runs.csv", RUN_COLUMNS, rows)
+    table = _md_table(
+        ["Run", "Model", "Regime", "Dataset", "Protocol", "n", "Accuracy [95 % CI]",
+         "Macro-F1 [95 % CI]", "Bal. acc.", "Kappa", "ECE", "Sens. / Spec. (abnormal)"],
+        [[Path(r["run"]).name, MODEL_LABELS.get(r["model"], r["model"]),
+          r["regime"] + (f" ({r['loss']})" if r["loss"] else ""), r["dataset"],
+          r["protocol"] + (f" fold {r['fold']}" if r["fold"] is not None else ""), r["n"],
+          _with_ci(r, "accuracy"), _with_ci(r, "macro_f1"), _fmt(r["balanced_accuracy"]),
+          _fmt(r["kappa"]), _fmt(r["ece"]), f"{_fmt(r['sensitivity'])} / {_fmt(r['specificity'])}"]
+         for r in rows])
+    return ["## Runs", "", table, "Full numbers: [runs.csv](runs.csv).", ""]
+
+
+def _regimes_present(groups: List[dict]) -> List[str]:
+    """The regimes of the groups, in the thesis's order, unknown ones last."""
+    present = {g["regime"] for g in groups}
+    return [k for k in REGIMES if k in present] + sorted(present - set(REGIMES))
+
+
+def _regime_section(regime: str, groups: List[dict], published: dict, out: Path) -> List[str]:
+    """Tables 6.2-6.4 and Figs 6.1/6.2/6.4 for one regime."""
+    title, ref = REGIMES.get(regime, (regime, "no counterpart in the thesis"))
+    mh, mrows, ch, crows = _study_table(groups, published)
+    slug = _slug(regime)
+    files.write_text(out / f"table_{slug}.md", f"**{title}** ({ref})\n\n" + _md_table(mh, mrows))
+    files.write_csv(out / f"table_{slug}.csv", ch, crows)
+    fig = _plot_accuracy_bars(groups, published, f"{title}: accuracy per model",
+                              out / f"fig_accuracy_{slug}.png")
+    return [f"## {title} ({ref})", "", _md_table(mh, mrows),
+            f"CSV: [table_{slug}.csv](table_{slug}.csv). Per-class rows are per-class scores (the "
+            "thesis headed them 'weighted'); thesis values are on SIPaKMeD with its cell-level "
+            "split.", "", f"![{title}: accuracy per model]({fig.name})", ""]
+
+
+def _contrastive_section(records: List[dict], out: Path) -> List[str]:
+    """Fig. 6.3: the phase-1 loss curves of the contrastive runs."""
     fig = _plot_contrastive_losses([r for r in records if r["regime"] == "contrastive"],
                                    out / "fig_contrastive_losses.png")
-    if fig is not None:
-        md += ["## Contrastive loss curves (cf. thesis Fig. 6.3)", "",
-               "The study's NT-Xent and triplet curves were flat because those losses were broken "
-               "(labels ignored; collapse to ln 31 = 3.4333 and to the margin 0.2).", "",
-               f"![contrastive losses]({fig.name})", ""]
+    if fig is None:
+        return []
+    return ["## Contrastive loss curves (cf. thesis Fig. 6.3)", "",
+            "The study's NT-Xent and triplet curves were flat because those losses were broken "
+            "(labels ignored; collapse to ln 31 = 3.4333 and to the margin 0.2).", "",
+            f"![contrastive losses]({fig.name})", ""]
 
-    # --- folds / repeated runs -----------------------------------------------------------
+
+def _aggregate_section(groups: List[dict], out: Path) -> List[str]:
+    """Mean ± std over the folds or repeated runs of each group that has several."""
     multi = [g for g in groups if g["n_runs"] > 1]
-    if multi:
-        agg_header = ["group", "regime", "dataset", "protocol", "runs", "kind"] + [
-            x for m in AGG_METRICS for x in (m, f"{m}_std")]
-        agg_rows = [[g["label"], g["regime"], g["dataset"], g["protocol"], g["n_runs"], g["kind"]]
-                    + [x for m in AGG_METRICS for x in g["metrics"][m]] for g in multi]
-        _write_csv(out / "aggregate.csv", agg_header, agg_rows)
-        shown = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "kappa", "ece")
-        agg_md = _md_table(["Model", "Regime", "Protocol", "Runs"] + list(shown),
-                           [[g["label"], g["regime"], g["protocol"], f"{g['n_runs']} {g['kind']}"]
-                            + [_fmt_pm(*g["metrics"][m]) for m in shown] for g in multi])
-        _write_text(out / "aggregate.md", agg_md)
-        md += ["## Folds and repeated runs: mean ± std", "",
-               "Sample standard deviation (ddof = 1) over the runs of each group.", "", agg_md,
-               "All metrics: [aggregate.csv](aggregate.csv).", ""]
+    if not multi:
+        return []
+    header = ["group", "regime", "dataset", "protocol", "runs", "kind"] + [
+        x for m in AGG_METRICS for x in (m, f"{m}_std")]
+    files.write_csv(out / "aggregate.csv", header,
+                    [[g["label"], g["regime"], g["dataset"], g["protocol"], g["n_runs"], g["kind"]]
+                     + [x for m in AGG_METRICS for x in g["metrics"][m]] for g in multi])
+    shown = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "kappa", "ece")
+    table = _md_table(["Model", "Regime", "Protocol", "Runs"] + list(shown),
+                      [[g["label"], g["regime"], g["protocol"], f"{g['n_runs']} {g['kind']}"]
+                       + [_fmt_pm(*g["metrics"][m]) for m in shown] for g in multi])
+    files.write_text(out / "aggregate.md", table)
+    return ["## Folds and repeated runs: mean ± std", "",
+            "Sample standard deviation (ddof = 1) over the runs of each group.", "", table,
+            "All metrics: [aggregate.csv](aggregate.csv).", ""]
 
-    # --- library versions against the tested set ------------------------------------------
-    md += ["## Library versions", ""] + _version_lines(records) + [""]
 
-    # --- comparison with published work (Table 7.1) --------------------------------------
-    ch, crows = _comparison_rows(groups, published)
-    _write_csv(out / "comparison.csv", ch, crows)
-    cmp_md = _md_table(ch[:-1] + ["Source / runs"],
-                       [[r[0], r[1], r[2], r[3], _pct(r[4]), r[5], _short_source(r)] for r in crows])
-    _write_text(out / "comparison.md", cmp_md)
-    md += ["## Comparison with published results (cf. thesis Table 7.1)", "", cmp_md,
-           "Full citations: [comparison.csv](comparison.csv).", ""]
+def _comparison_section(groups: List[dict], published: dict, out: Path) -> List[str]:
+    """Table 7.1 with our runs added."""
+    header, rows = _comparison_rows(groups, published)
+    files.write_csv(out / "comparison.csv", header, [[r[h] for h in header] for r in rows])
+    table = _md_table(["Author/Year", "Method", "Dataset", "Split protocol", "Accuracy",
+                       "95 % CI / std", "Source / runs"],
+                      [[r["Author/Year"], r["Method"], r["Dataset"], r["Split protocol"],
+                        _pct(r["Accuracy"]), r["95 % CI / std"], _short_source(r)] for r in rows])
+    files.write_text(out / "comparison.md", table)
+    md = ["## Comparison with published results (cf. thesis Table 7.1)", "", table,
+          "Full citations: [comparison.csv](comparison.csv).", ""]
     notes = published.get("notes", [])
     if notes:
         md += ["Notes on the published numbers:", ""] + [f"- {n}" for n in notes] + [""]
+    return md
 
-    # --- confusion matrices --------------------------------------------------------------
-    md += ["## Confusion matrices", "", "Rows: true class; columns: predicted class; counts and share of the "
-           "true class (summed over folds/runs for groups).", ""]
+
+def _confusion_section(groups: List[dict], out: Path) -> List[str]:
+    md = ["## Confusion matrices", "", "Rows: true class; columns: predicted class; counts and "
+          "share of the true class (summed over folds/runs for groups).", ""]
     used = set()
     for g in groups:
         slug = _slug(f"{g['regime']}_{g['label']}_{g['dataset']}_{g['protocol']}")
@@ -1034,18 +1006,22 @@ def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: s
         p = plot_confusion_matrix(g["confusion_matrix"], g["class_names"], out / f"cm_{slug}.png",
                                   title=f"{title} (n = {g['n_test']})")
         md += [f"### {title}", "", f"![{title}]({p.name})", ""]
+    return md
 
-    _write_json(out / "report.json", {
+
+def _report_json(split: str, records: List[dict], groups: List[dict]) -> dict:
+    """report.json: the grouped numbers, machine-readable."""
+    return {
         "split": split,
-        "runs": [{"run": str(r["run"]), "model": r["model"], "regime": r["regime"], "loss": r["loss"],
-                  "variant": r["variant"], "dataset": r["dataset"], "protocol": r["protocol"], "fold": r["fold"]}
+        "runs": [{"run": str(r["run"]), **{k: r[k] for k in ("model", "regime", "loss", "variant",
+                                                            "dataset", "protocol", "fold")}}
                  for r in records],
-        "groups": [{k: g[k] for k in ("label", "regime", "model", "loss", "variant", "dataset", "protocol",
-                                      "n_runs", "kind", "n_test", "class_names", "confusion_matrix")}
+        "groups": [{k: g[k] for k in ("label", "regime", "model", "loss", "variant", "dataset",
+                                      "protocol", "n_runs", "kind", "n_test", "class_names",
+                                      "confusion_matrix")}
                    | {"metrics": {m: {"mean": v[0], "std": v[1]} for m, v in g["metrics"].items()},
                       "per_class": {c: {k: {"mean": v[0], "std": v[1]} for k, v in pc.items()}
                                     for c, pc in g["per_class"].items()},
                       "runs": [str(r["run"]) for r in g["runs"]]}
                    for g in groups],
-    })
-    return _write_text(out / "report.md", "\n".join(md))
+    }

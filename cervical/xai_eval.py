@@ -30,12 +30,18 @@ randomisation)
 Cost
     :func:`timed` measures the wall time of a call with an injectable clock.
 
+Several methods at once
+    :func:`evaluate_methods` runs all of the above for a set of explainers (small callables
+    ``explain(model, images, classes) -> maps``) on a set of cells, beside two model-free reference
+    maps (:func:`reference_maps`), and :func:`format_metrics_md` writes the tables.
+
 This module imports only NumPy at import time; Keras is imported inside :func:`weighted_layers` and the
-randomisation check, and scikit-image inside :func:`blur_baseline`.
+randomisation check, scikit-image inside :func:`blur_baseline`, Matplotlib inside :func:`plot_curves`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -64,15 +70,21 @@ __all__ = [
     "map_similarity",
     "weighted_layers",
     "randomisation_check",
-    "summarize",
+    "mean_std",
     "timed",
+    "reference_maps",
+    "choose_eval_cells",
+    "EvalSettings",
+    "evaluate_methods",
+    "format_metrics_md",
+    "plot_curves",
 ]
 
 #: Number of 5 % steps of the deletion and insertion curves (21 points including 0 % and 100 %).
 STEPS = 20
 
 Baseline = Union[str, float, np.ndarray]
-Progress = Optional[Callable[..., None]]
+Progress = Optional[Callable[[str, int, int], None]]   # progress(step, done, total)
 
 
 class XaiEvalError(ValueError):
@@ -606,7 +618,7 @@ def randomisation_check(model: Any, explain_fn: Callable[[Any, np.ndarray, np.nd
         mode: "permute" or "reinit" (see ``_randomise_layer``).
         threshold: a method whose final similarity exceeds this fails.
         seed: seed of the randomisation.
-        progress: optional callable(done, total, note).
+        progress: None, or ``progress(step, done, total)`` after every block.
 
     Returns:
         dict with "layers" (forward order), "steps" (one per block: "randomised" layer paths,
@@ -645,13 +657,13 @@ def randomisation_check(model: Any, explain_fn: Callable[[Any, np.ndarray, np.nd
                 _randomise_layer(top_down[i][1], rng, mode)
             maps = np.asarray(explain_fn(model, x, classes), dtype=np.float64)
             sims = np.array([map_similarity(o, r) for o, r in zip(original, maps)])
-            stats = summarize(sims)
+            stats = mean_std(sims)
             steps.append({"randomised": [top_down[i][0] for i in group],
                           "n_randomised": int(group[-1] + 1),
                           "similarity": stats["mean"], "std": stats["std"],
                           "per_image": [None if np.isnan(s) else float(s) for s in sims]})
             if progress is not None:
-                progress(j + 1, len(groups), "randomisation")
+                progress("randomisation", j + 1, len(groups))
     finally:
         for v, value in saved:
             v.assign(value)
@@ -664,7 +676,7 @@ def randomisation_check(model: Any, explain_fn: Callable[[Any, np.ndarray, np.nd
 # --------------------------------------------------------------------------------------------
 # Aggregation and cost
 # --------------------------------------------------------------------------------------------
-def summarize(values: Sequence[float]) -> Dict[str, Any]:
+def mean_std(values: Sequence[float]) -> Dict[str, Any]:
     """Mean and standard deviation over cells, NaN (undefined) values left out.
 
     std uses ddof = 1 (sample standard deviation; 0.0 for a single value).
@@ -694,3 +706,366 @@ def timed(fn: Callable[..., Any], *args: Any, clock: Callable[[], float] = time.
     start = clock()
     result = fn(*args, **kwargs)
     return result, float(clock() - start)
+
+
+# --------------------------------------------------------------------------------------------
+# Several methods on a set of cells
+# --------------------------------------------------------------------------------------------
+#: ``explain(model, images (B, H, W, C), classes (B,)) -> maps (B, H, W)``: one method.
+ExplainFn = Callable[[Any, np.ndarray, np.ndarray], np.ndarray]
+
+#: Display names of the reference maps.
+REFERENCE_TITLES = {"random": "random map (reference)", "centre": "centred Gaussian (reference)"}
+
+
+def reference_maps(shape: Tuple[int, int, int], seed: int = 0) -> Dict[str, np.ndarray]:
+    """Two model-free maps that frame the metrics.
+
+    "random": i.i.d. uniform values (seeded), the chance level of every metric;
+    "centre": exp(-r^2 / (2 s^2)), r the distance to the image centre, s = min(H, W) / 6 - cells are
+    cropped around their nucleus, so this is what knowing only the crop scores.
+
+    Args:
+        shape: (B, H, W).
+        seed: seed of the random map.
+
+    Returns:
+        {"random": float32 (B, H, W), "centre": float32 (B, H, W)}.
+    """
+    b, h, w = shape
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    s = min(h, w) / 6.0
+    centre = np.exp(-((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) / (2 * s * s))
+    return {"random": rng.uniform(size=(b, h, w)).astype(np.float32),
+            "centre": np.broadcast_to(centre, (b, h, w)).astype(np.float32)}
+
+
+def choose_eval_cells(y: np.ndarray, n: int, seed: int = 0,
+                      eligible: Optional[np.ndarray] = None) -> np.ndarray:
+    """A class-balanced, seeded choice of n cells for the quantitative evaluation.
+
+    Each class's rows are shuffled with ``numpy.random.default_rng(seed)``; rows are then taken
+    round-robin over the classes (one of each class in turn) until n are chosen.
+
+    Returns:
+        sorted (min(n, N),) int64 row indices.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    ok = np.ones(len(y), bool) if eligible is None else np.asarray(eligible, bool)
+    rng = np.random.default_rng(seed)
+    pools = [rng.permutation(np.flatnonzero((y == c) & ok)) for c in np.unique(y[ok])]
+    order: List[int] = []
+    for j in range(max((len(pl) for pl in pools), default=0)):
+        order.extend(int(pl[j]) for pl in pools if j < len(pl))
+    return np.sort(np.array(order[: int(n)], dtype=np.int64))
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """Settings of :func:`evaluate_methods` (recorded in its result).
+
+    Attributes:
+        steps, baseline: deletion/insertion curves (see :func:`perturbation_curves`).
+        tolerance: pointing-game tolerance in pixels.
+        n_sanity: cells in the randomisation check (0 skips it).
+        sanity_blocks, sanity_mode, sanity_threshold: see :func:`randomisation_check`.
+        batch_size: largest model batch of the perturbation curves.
+        seed: seed of the reference map, the sanity cells and the randomisation.
+    """
+
+    steps: int = STEPS
+    baseline: str = "blur"
+    tolerance: float = 0.0
+    n_sanity: int = 5
+    sanity_blocks: Optional[int] = 5
+    sanity_mode: str = "permute"
+    sanity_threshold: float = 0.9
+    batch_size: int = 126
+    seed: int = 0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"steps": int(self.steps), "baseline": self.baseline,
+                "blur_sigma": "max(H, W) / 10" if self.baseline == "blur" else None,
+                "pointing_tolerance_px": float(self.tolerance), "seed": int(self.seed),
+                "sanity_blocks": self.sanity_blocks, "sanity_mode": self.sanity_mode,
+                "sanity_threshold": float(self.sanity_threshold)}
+
+
+def evaluate_methods(model: Any, images: np.ndarray, labels: np.ndarray,
+                     masks: Optional[np.ndarray], explainers: Dict[str, ExplainFn],
+                     predict: Any = None, settings: Optional[EvalSettings] = None,
+                     extra_seconds: Optional[Dict[str, float]] = None,
+                     progress: Progress = None) -> Dict[str, Any]:
+    """Every metric of this module for every explainer on a set of cells (the predicted class).
+
+    Per cell and method: deletion and insertion AUC; with masks (0 background, 1 cytoplasm,
+    2 nucleus) the energy share and pointing hit for the nucleus (mask == 2) and the whole cell
+    (mask >= 1), with their chance levels (area fractions); the time per cell (after one warm-up
+    call). Then mean +/- std over cells, the mean curves, the two reference maps scored alike, and
+    the cascading randomisation check of each method on ``n_sanity`` class-balanced cells.
+
+    Args:
+        model: the Keras model (randomised in place by the sanity check, then restored).
+        images: (N, H, W, 3) raw images as the explainers take them.
+        labels: (N,) true labels (for the accuracy on these cells only).
+        masks: (N, H, W) label masks, or None (localisation then reported as unavailable).
+        explainers: {method name: explain(model, images, classes) -> maps}.
+        predict: images -> (N, K) probabilities (default: the model's own outputs).
+        settings: see :class:`EvalSettings` (default: its defaults).
+        extra_seconds: per-cell seconds to add to a method's time (work it shares across
+            calls, e.g. LIME's superpixels).
+        progress: None, or ``progress(step, done, total)``.
+
+    Returns:
+        JSON-ready dict: "n_cells", "accuracy_on_cells", "settings", "fractions", "chance",
+        "methods", "reference", "sanity", "per_cell", "localisation_available".
+    """
+    predict = model if predict is None else predict
+    settings = settings or EvalSettings()
+    x = np.asarray(images)
+    pred = _predict(predict, x.astype(np.float32)).argmax(axis=1)
+    maps, seconds = _timed_maps(model, x, pred, explainers, extra_seconds or {}, progress)
+    every = {**maps, **reference_maps(x.shape[:3], seed=settings.seed)}
+    fractions, curves = _faithfulness(predict, x, every, pred, settings, progress)
+    scores, per_cell = _scores(every, curves, fractions, masks, settings.tolerance)
+    for name in every:
+        scores[name]["seconds_per_cell"] = seconds.get(name)
+    sanity, k = _sanity_checks(model, x, labels, pred, explainers, settings, progress)
+    return {
+        "n_cells": len(x),
+        "accuracy_on_cells": float(np.mean(pred == np.asarray(labels))) if len(x) else None,
+        "explained_class": "predicted",
+        "settings": {**settings.as_dict(), "sanity_cells": k},
+        "fractions": fractions.tolist(),
+        "localisation_available": masks is not None,
+        "chance": {} if masks is None else _chance_levels(masks, settings.tolerance),
+        "methods": {m: scores[m] for m in explainers},
+        "reference": {r: scores[r] for r in REFERENCE_TITLES},
+        "sanity": sanity,
+        "per_cell": per_cell,
+    }
+
+
+def _timed_maps(model: Any, x: np.ndarray, pred: np.ndarray, explainers: Dict[str, ExplainFn],
+                extra_seconds: Dict[str, float], progress: Progress):
+    """Each method's maps and seconds per cell (after one warm-up call on the first cell)."""
+    maps, seconds = {}, {}
+    for j, (name, explain) in enumerate(explainers.items()):
+        explain(model, x[:1], pred[:1])                         # compile / trace outside the clock
+        m, secs = timed(explain, model, x, pred)
+        maps[name] = np.asarray(m, dtype=np.float32)
+        seconds[name] = secs / max(len(x), 1) + extra_seconds.get(name, 0.0)
+        if progress is not None:
+            progress("evaluate: maps", j + 1, len(explainers))
+    return maps, seconds
+
+
+def _faithfulness(predict: Any, x: np.ndarray, every: Dict[str, np.ndarray], pred: np.ndarray,
+                  settings: EvalSettings, progress: Progress):
+    """(fractions, {name: {"deletion": (N, T+1), "insertion": (N, T+1)}}) for every map."""
+    curves: Dict[str, Dict[str, np.ndarray]] = {}
+    fractions = np.linspace(0.0, 1.0, int(settings.steps) + 1)
+    for j, (name, a) in enumerate(every.items()):
+        curves[name] = {}
+        for mode in ("deletion", "insertion"):
+            fractions, curves[name][mode] = perturbation_curves(
+                predict, x.astype(np.float32), a, pred, mode=mode, baseline=settings.baseline,
+                steps=settings.steps, batch_size=settings.batch_size)
+        if progress is not None:
+            progress("evaluate: deletion/insertion", j + 1, len(every))
+    return fractions, curves
+
+
+def _chance_levels(masks: np.ndarray, tolerance: float) -> Dict[str, Any]:
+    """What a uniform map (energy) or a random point (pointing) scores: the mask area fractions."""
+    nucleus, cell = np.asarray(masks) == 2, np.asarray(masks) >= 1
+    return {"nucleus_area": mean_std([area_fraction(m) for m in nucleus]),
+            "cell_area": mean_std([area_fraction(m) for m in cell]),
+            "nucleus_pointing": mean_std([area_fraction(m, tolerance) for m in nucleus]),
+            "cell_pointing": mean_std([area_fraction(m, tolerance) for m in cell])}
+
+
+def _scores(every: Dict[str, np.ndarray], curves: Dict[str, Dict[str, np.ndarray]],
+            fractions: np.ndarray, masks: Optional[np.ndarray], tolerance: float):
+    """Per method: mean +/- std of every score and the mean curves; and the per-cell values."""
+    results: Dict[str, Dict[str, Any]] = {}
+    per_cell: Dict[str, Dict[str, List[Optional[float]]]] = {}
+    for name, a in every.items():
+        values = {"deletion_auc": curve_auc(fractions, curves[name]["deletion"]),
+                  "insertion_auc": curve_auc(fractions, curves[name]["insertion"])}
+        if masks is not None:
+            for region, inside in (("nucleus", np.asarray(masks) == 2),
+                                   ("cell", np.asarray(masks) >= 1)):
+                values[f"{region}_energy"] = np.array(
+                    [energy_share(a[i], inside[i]) for i in range(len(a))])
+                values[f"{region}_pointing"] = np.array(
+                    [pointing_hit(a[i], inside[i], tolerance) for i in range(len(a))])
+        results[name] = {k: mean_std(v) for k, v in values.items()}
+        results[name]["mean_deletion_curve"] = curves[name]["deletion"].mean(axis=0).tolist()
+        results[name]["mean_insertion_curve"] = curves[name]["insertion"].mean(axis=0).tolist()
+        per_cell[name] = {k: [None if np.isnan(v) else float(v)
+                              for v in np.asarray(vals, dtype=np.float64)]
+                          for k, vals in values.items()}
+    return results, per_cell
+
+
+def _sanity_checks(model: Any, x: np.ndarray, labels: np.ndarray, pred: np.ndarray,
+                   explainers: Dict[str, ExplainFn], settings: EvalSettings, progress: Progress):
+    """The randomisation check of every method on class-balanced cells: (results, n cells)."""
+    k = min(int(settings.n_sanity), len(x))
+    if k <= 0:
+        return {}, 0
+    # class-balanced among the evaluated cells (their rows are ordered by class: the first k would
+    # all be one cell type)
+    sel = choose_eval_cells(np.asarray(labels), k, seed=settings.seed)
+    out = {}
+    for name, explain in explainers.items():
+        def blocks_done(step: str, done: int, total: int, name: str = name) -> None:
+            if progress is not None:
+                progress(f"evaluate: sanity {name} blocks", done, total)
+
+        out[name] = randomisation_check(model, explain, x[sel], class_index=pred[sel],
+                                        blocks=settings.sanity_blocks, mode=settings.sanity_mode,
+                                        threshold=settings.sanity_threshold, seed=settings.seed,
+                                        progress=blocks_done)
+    return out, k
+
+
+def _fmt(stat: Optional[Dict[str, Any]], digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _rate(stat: Dict[str, Any]) -> str:
+    """A mean hit rate with its number of cells, e.g. "0.80 (n 30)" (ties make hits fractional)."""
+    if stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.2f} (n {stat['n']})"
+
+
+def _num(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _verdict(sanity: Dict[str, Any]) -> str:
+    if sanity["passed"] is None:
+        return "n/a (constant maps)"
+    return "pass" if sanity["passed"] else "**FAIL**"
+
+
+def format_metrics_md(metrics: Dict[str, Any], title: str = "XAI evaluation",
+                      titles: Optional[Dict[str, str]] = None) -> str:
+    """The Markdown report of :func:`evaluate_methods`: one metrics table and one sanity table.
+
+    Args:
+        metrics: its result (with "layer" when the caller added one).
+        title: the page title.
+        titles: display names of the methods (default: the keys).
+    """
+    names = {**REFERENCE_TITLES, **(titles or {})}
+    lines = [f"# {title}", ""] + _method_notes(metrics) + _metrics_table(metrics, names)
+    if metrics["sanity"]:
+        lines += _sanity_table(metrics, names)
+    return "\n".join(lines) + "\n"
+
+
+def _method_notes(metrics: Dict[str, Any]) -> List[str]:
+    s = metrics["settings"]
+    blur = " (Gaussian, sigma = max(H, W) / 10)" if s["baseline"] == "blur" else ""
+    tol = s["pointing_tolerance_px"]
+    tol_text = f" (tolerance {tol:g} px)" if tol else ""
+    layer = f"; CAM layer `{metrics['layer']}`" if metrics.get("layer") else ""
+    return [f"{metrics['n_cells']} cells; the predicted class is explained (accuracy on these "
+            f"cells {metrics['accuracy_on_cells']:.3f}){layer}.", "",
+            f"- Deletion / insertion (Petsiuk et al. 2018): pixels removed / revealed in decreasing "
+            f"map order in {100 / s['steps']:g} % steps, baseline = {s['baseline']} image{blur}; "
+            f"area under the predicted-class probability. Deletion: lower is better; insertion: "
+            f"higher is better.",
+            f"- Energy share (energy-based pointing game): share of the positive map energy inside "
+            f"the mask (a map with no positive energy counts as uniform); pointing: share of the "
+            f"map's maximal pixels inside the mask{tol_text} (1 or 0 for a single peak; a LIME "
+            f"superpixel plateau counts pro rata). Chance = mask area fraction (what a uniform map "
+            f"or a random point scores).",
+            "- Time: wall seconds per cell after one warm-up call.", ""]
+
+
+def _metrics_table(metrics: Dict[str, Any], names: Dict[str, str]) -> List[str]:
+    loc = metrics["localisation_available"]
+    head = "| method | deletion AUC ↓ | insertion AUC ↑ |"
+    rule = "|---|---|---|"
+    if loc:
+        head += " nucleus energy ↑ | cell energy ↑ | nucleus pointing ↑ | cell pointing ↑ |"
+        rule += "---|---|---|---|"
+    else:
+        head += " localisation |"
+        rule += "---|"
+    lines = [head + " s / cell | sanity |", rule + "---|---|"]
+    ch = metrics.get("chance", {})
+    rows = [(m, r, False) for m, r in metrics["methods"].items()]
+    rows += [(m, r, True) for m, r in metrics["reference"].items()]
+    for name, r, is_ref in rows:
+        cells = [names.get(name, name), _fmt(r["deletion_auc"]), _fmt(r["insertion_auc"])]
+        if loc:
+            cells += [f"{_fmt(r['nucleus_energy'])} (chance {_fmt(ch['nucleus_area'])})",
+                      f"{_fmt(r['cell_energy'])} (chance {_fmt(ch['cell_area'])})",
+                      f"{_rate(r['nucleus_pointing'])} (chance {_num(ch['nucleus_pointing']['mean'])})",
+                      f"{_rate(r['cell_pointing'])} (chance {_num(ch['cell_pointing']['mean'])})"]
+        else:
+            cells.append("unavailable (no masks)")
+        sec = r.get("seconds_per_cell")
+        cells.append("-" if sec is None else f"{sec:.3g}")
+        san = None if is_ref else metrics["sanity"].get(name)
+        cells.append("-" if san is None else f"{_verdict(san)} (ρ {_num(san['final_similarity'])})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sanity_table(metrics: Dict[str, Any], names: Dict[str, str]) -> List[str]:
+    s = metrics["settings"]
+    lines = ["", f"## Sanity check (Adebayo et al. 2018, cascading randomisation, mode "
+             f"{s['sanity_mode']})", "",
+             f"Spearman ρ between the maps of the trained model and those after randomising the "
+             f"layers with weights from the output back, cumulatively ({s['sanity_cells']} cells; "
+             f"in brackets the number of layers randomised so far). A method whose ρ stays above "
+             f"{s['sanity_threshold']:g} with the whole model random does not depend on what the "
+             f"model learned and FAILS.", "",
+             "| method | ρ after each block | final ρ | verdict |", "|---|---|---|---|"]
+    for name, san in metrics["sanity"].items():
+        seq = " → ".join(f"{_num(st['similarity'])} ({st['n_randomised']})" for st in san["steps"])
+        verdict = _verdict(san) + (": maps do not depend on the weights"
+                                   if san["passed"] is False else "")
+        lines.append(f"| {names.get(name, name)} | {seq} | {_num(san['final_similarity'])} | "
+                     f"{verdict} |")
+    return lines
+
+
+def plot_curves(metrics: Dict[str, Any], titles: Optional[Dict[str, str]] = None):
+    """The mean deletion and insertion curves of every method and reference map, as a Figure.
+
+    Args:
+        metrics: the result of :func:`evaluate_methods`.
+        titles: display names of the methods.
+    Returns:
+        a matplotlib Figure (the caller saves it).
+    """
+    from matplotlib.figure import Figure
+
+    names = {**REFERENCE_TITLES, **(titles or {})}
+    fig = Figure(figsize=(9, 3.6))
+    axes = fig.subplots(1, 2)
+    f = metrics["fractions"]
+    for group, style in (("methods", "-"), ("reference", ":")):
+        for name, r in metrics[group].items():
+            for ax, key in zip(axes, ("mean_deletion_curve", "mean_insertion_curve")):
+                ax.plot(f, r[key], style, label=names.get(name, name))
+    for ax, t in zip(axes, ("Deletion (lower area is better)", "Insertion (higher area is better)")):
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("fraction of pixels removed / revealed")
+        ax.set_ylabel("predicted-class probability")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return fig

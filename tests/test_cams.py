@@ -500,8 +500,8 @@ def test_find_target_layer_rules():
     y = keras.layers.Conv2D(3, 1, name="c")(outer_in)
     model2 = keras.Model(outer_in, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inner(y))))
     assert cams.find_target_layer(model2) == "r"
-    assert cams._resolve_layer(model2, "c")[1] is model2.get_layer("c")  # the shallowest wins
-    assert cams._resolve_layer(model2, "inner/c")[1] is inner.get_layer("c")
+    assert cams.resolve_layer(model2, "c")[1] is model2.get_layer("c")  # the shallowest wins
+    assert cams.resolve_layer(model2, "inner/c")[1] is inner.get_layer("c")
     no_maps = keras.Model(i3 := keras.Input((4,)), keras.layers.Dense(2)(i3))
     with pytest.raises(cams.CamError, match="4-D"):
         cams.find_target_layer(no_maps)

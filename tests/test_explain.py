@@ -56,18 +56,18 @@ def test_select_cells_most_confident_ties_by_index_and_placeholders():
 
 def test_choose_eval_cells_balanced_and_seeded():
     y = np.array([0] * 10 + [1] * 2)
-    idx = E.choose_eval_cells(y, 4, seed=3)
+    idx = X.choose_eval_cells(y, 4, seed=3)
     assert set(idx) >= {10, 11} and len(idx) == 4 and np.all(np.diff(idx) > 0)
-    np.testing.assert_array_equal(idx, E.choose_eval_cells(y, 4, seed=3))
-    assert len(E.choose_eval_cells(y, 100)) == 12
-    picks = {tuple(E.choose_eval_cells(y, 4, seed=s)) for s in range(5)}
+    np.testing.assert_array_equal(idx, X.choose_eval_cells(y, 4, seed=3))
+    assert len(X.choose_eval_cells(y, 100)) == 12
+    picks = {tuple(X.choose_eval_cells(y, 4, seed=s)) for s in range(5)}
     assert len(picks) > 1
 
 
 def test_reference_maps_centre_peak_and_random_seeded():
-    r = E.reference_maps((2, 7, 9), seed=1)
+    r = X.reference_maps((2, 7, 9), seed=1)
     assert np.unravel_index(r["centre"][0].argmax(), (7, 9)) == (3, 4)
-    np.testing.assert_array_equal(r["random"], E.reference_maps((2, 7, 9), seed=1)["random"])
+    np.testing.assert_array_equal(r["random"], X.reference_maps((2, 7, 9), seed=1)["random"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def explained(tiny_run):
     calls = []
     res = E.explain_run(tiny_run, split="test", evaluate=True, n_eval=6, lime_samples=40,
                         lime_segments=12, n_sanity=2, sanity_blocks=2, seed=0,
-                        progress=lambda d, t, note="": calls.append((d, t, note)))
+                        progress=lambda step, d, t: calls.append((step, d, t)))
     return res, calls
 
 
@@ -131,7 +131,12 @@ def test_explain_run_writes_every_listed_file(tiny_run, explained):
     kinds = sorted((c["kind"], c["class_index"]) for c in res["cells"])
     assert kinds == sorted([(k, i) for k in ("correct", "wrong") for i in range(3)])
     assert not list(out.glob(".*tmp*"))                    # atomic writes left no temp files
-    assert calls and calls[-1][0] == calls[-1][1]          # progress reached its total
+    assert calls and all(0 < d <= t for _, d, t in calls)
+    last = {}
+    for step, d, t in calls:                               # every step's counter reached its total
+        last[step] = (d, t)
+    assert all(d == t for d, t in last.values()), last
+    assert {"explain: maps", "explain: evaluate: maps"} <= set(last)
 
 
 @pytest.mark.slow
@@ -182,7 +187,7 @@ def test_evaluation_numbers_match_direct_computation(tiny_run, explained, tiny_p
     model = keras.models.load_model(tiny_run / "model.keras")
     x = test.x[idx].astype("float32")
     pred = np.asarray(model.predict_on_batch(x)).argmax(1)
-    centre = E.reference_maps(x.shape[:3])["centre"]
+    centre = X.reference_maps(x.shape[:3])["centre"]
     auc0 = X.deletion_auc(model, x[0], centre[0], int(pred[0]))
     assert m["per_cell"]["centre"]["deletion_auc"][0] == pytest.approx(auc0, abs=1e-6)
     energy = [X.energy_share(centre[i], test.masks[idx][i] == 2) for i in range(len(idx))]

@@ -177,11 +177,11 @@ def test_map_similarity_constant_conventions():
     assert X.map_similarity(a, a ** 2) == pytest.approx(1.0)
 
 
-def test_summarize_and_timed():
-    s = X.summarize([1.0, 2.0, 3.0, np.nan])
+def test_mean_std_and_timed():
+    s = X.mean_std([1.0, 2.0, 3.0, np.nan])
     assert s == {"mean": 2.0, "std": 1.0, "n": 3}
-    assert X.summarize([np.nan]) == {"mean": None, "std": None, "n": 0}
-    assert X.summarize([5.0])["std"] == 0.0
+    assert X.mean_std([np.nan]) == {"mean": None, "std": None, "n": 0}
+    assert X.mean_std([5.0])["std"] == 0.0
     ticks = iter([10.0, 13.5])
     result, seconds = X.timed(lambda a, b: a + b, 2, b=3, clock=lambda: next(ticks))
     assert (result, seconds) == (5, 3.5)
