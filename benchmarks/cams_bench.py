@@ -155,7 +155,8 @@ def bench_model(name: str, args: argparse.Namespace) -> Dict[str, object]:
         runs = []
         for i in range(args.scorecam_images):
             runs.append(timed(lambda: cams.scorecam(model, x[i:i + 1], batch_size=args.scorecam_batch,
-                                                    progress=args.progress)))
+                                                    progress=_print_progress if args.progress
+                                                    else None)))
             baselines.append(timed(long_forward))
         fwd_wall, fwd_cpu = (t / (calls * args.batch) for t in summary(baselines))
         wall, cpu = summary(runs)
@@ -171,6 +172,10 @@ def bench_model(name: str, args: argparse.Namespace) -> Dict[str, object]:
     result["load_after"] = os.getloadavg()
     print(load())
     return result
+
+
+def _print_progress(step: str, done: int, total: int) -> None:
+    print(f"\r{step}: {done}/{total}", end="\n" if done >= total else "", file=sys.stderr, flush=True)
 
 
 def main(argv: List[str] = None) -> int:

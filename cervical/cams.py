@@ -69,7 +69,6 @@ References
 from __future__ import annotations
 
 import contextlib
-import sys
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -783,7 +782,7 @@ def _top_channels_by_std(activations: np.ndarray, max_n: Optional[int]) -> np.nd
 
 
 def _scorecam_weights(tap: _Tap, x: np.ndarray, acts: np.ndarray, classes: np.ndarray,
-                      channels: np.ndarray, batch_size: int, progress: bool) -> np.ndarray:
+                      channels: np.ndarray, batch_size: int, progress: Optional[Callable]) -> np.ndarray:
     """Score-CAM weights (B, 1, 1, K): w_k = p_c(X * M^k) for the selected channels, 0 for the others.
 
     M^k = minmax(upsample(A^k)) is the k-th channel upsampled to the input and normalised to [0, 1];
@@ -804,15 +803,13 @@ def _scorecam_weights(tap: _Tap, x: np.ndarray, acts: np.ndarray, classes: np.nd
         masked *= masks[..., None].astype(np.float32)
         logits = tap.forward(masked, activations=False)[1]
         weights[b, k] = tap.probability(logits)[np.arange(len(b)), classes[b]]
-        if progress:
-            done = min(start + step, total)
-            end = "\n" if done == total else ""
-            print(f"\rscore-cam: {done}/{total} masked images", end=end, file=sys.stderr, flush=True)
+        if progress is not None:
+            progress("score-cam masked images", min(start + step, total), total)
     return weights[:, None, None, :]
 
 
 def _score_cam(model: Any, images: Any, class_index: ClassIndex, layer: Any, max_n: Optional[int],
-               batch_size: int, upsample: bool, progress: bool) -> np.ndarray:
+               batch_size: int, upsample: bool, progress: Optional[Callable]) -> np.ndarray:
     """Score-CAM template: forward once for A and the predicted classes, then masked forwards."""
     x = _check_images(images)
     batch_size = _check_batch_size(batch_size)
@@ -834,7 +831,7 @@ def _score_cam(model: Any, images: Any, class_index: ClassIndex, layer: Any, max
 
 def scorecam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
              max_n: Optional[int] = None, batch_size: int = 64, upsample: bool = True,
-             progress: bool = False) -> np.ndarray:
+             progress: Optional[Callable] = None) -> np.ndarray:
     """Score-CAM (Wang et al., CVPR-W 2020), with the toolkit's masking but the true probability.
 
     For every channel k: M^k = minmax(upsample(A^k)) (bilinear to the input size, per image and channel,
@@ -854,7 +851,7 @@ def scorecam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any
             deviation, chosen per image (Faster-Score-CAM); n >= K keeps every channel (tf-keras-vis
             raises instead).
         batch_size: masked images per forward pass (and original images per chunk); bounds memory.
-        progress: print a progress line to stderr.
+        progress: None, or ``progress(step, done, total)`` after every chunk of masked images.
 
     Returns:
         float32 array (B, H, W) (or (B, h, w)) in [0, 1].
@@ -867,7 +864,7 @@ def scorecam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any
 
 def faster_scorecam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
                     max_n: Optional[int] = 10, batch_size: int = 64, upsample: bool = True,
-                    progress: bool = False) -> np.ndarray:
+                    progress: Optional[Callable] = None) -> np.ndarray:
     """Faster-Score-CAM: Score-CAM restricted, per image, to the ``max_n`` channels with the largest
     spatial standard deviation std_ij(A^k_ij) (the other channels get weight 0).
 

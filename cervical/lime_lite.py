@@ -34,7 +34,6 @@ model is recognised by its ``predict_on_batch`` method.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -55,7 +54,8 @@ __all__ = [
 ]
 
 HideColor = Union[str, float, Sequence[float]]
-Progress = Union[bool, Callable[[int, int], None], None]
+#: ``progress(step, done, total)``: told how many perturbed images have been predicted.
+Progress = Optional[Callable[[str, int, int], None]]
 
 
 class LimeError(ValueError):
@@ -112,24 +112,6 @@ def _contiguous(labels: np.ndarray) -> np.ndarray:
     """Relabel an integer label map to 0..M-1 in order of first label value (np.unique order)."""
     _, inverse = np.unique(labels, return_inverse=True)
     return inverse.reshape(labels.shape).astype(np.int64)
-
-
-class _ProgressLine:
-    """Progress reporter: a callable (done, total), a one-line stderr counter, or nothing."""
-
-    def __init__(self, progress: Progress, total: int, label: str) -> None:
-        self._callback = progress if callable(progress) else None
-        self._print = bool(progress) and self._callback is None
-        self._total = total
-        self._label = label
-
-    def __call__(self, done: int) -> None:
-        if self._callback is not None:
-            self._callback(done, self._total)
-        elif self._print:
-            end = "\n" if done >= self._total else ""
-            sys.stderr.write(f"\r{self._label}: {done}/{self._total} samples{end}")
-            sys.stderr.flush()
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +347,6 @@ def _predict_samples(
         (N, K) float64 model outputs.
     """
     n = samples.shape[0]
-    report = _ProgressLine(progress, n, "lime")
     bounds = _batch_bounds(n, batch_size)
     full = max(stop - start for start, stop in bounds)
     outputs = []
@@ -376,7 +357,8 @@ def _predict_samples(
             rows = np.concatenate([rows, np.repeat(rows[-1:], pad, axis=0)])
         out = _call_model(predict, perturb(image, fudged, segments, rows))
         outputs.append(out[: stop - start])
-        report(stop)
+        if progress is not None:
+            progress("lime samples", stop, n)
     widths = {o.shape[1] for o in outputs}
     if len(widths) != 1:
         raise LimeError("predict: returned a different number of classes between batches")
@@ -706,7 +688,7 @@ def explain(
     batch_size: int = 256,
     segments: Optional[np.ndarray] = None,
     blur_sigma: Optional[float] = None,
-    progress: Progress = False,
+    progress: Progress = None,
 ) -> Explanation:
     """Explain one prediction with LIME on superpixels (Ribeiro et al., KDD 2016).
 
@@ -729,7 +711,7 @@ def explain(
         batch_size: largest model batch; batches are balanced so all have the same shape.
         segments: optional (H, W) integer superpixel labels to use instead of SLIC.
         blur_sigma: Gaussian sigma for ``hide_color="blur"``.
-        progress: False (quiet), True (a progress line on stderr) or a callable(done, total).
+        progress: None (quiet) or ``progress(step, done, total)`` after every model batch.
 
     Returns:
         An ``Explanation``.

@@ -62,7 +62,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from types import MappingProxyType
@@ -95,7 +94,8 @@ _STAIN_OD = np.array([[0.650, 0.704, 0.286],
                       [0.050, 0.450, 0.890]])
 _STAIN_OD.flags.writeable = False
 
-ProgressArg = Union[None, bool, Callable[[int, int], None]]
+#: ``progress(step, done, total)``: told how many cells have been generated.
+ProgressArg = Optional[Callable[[str, int, int], None]]
 
 
 class SyntheticError(ValueError):
@@ -783,20 +783,6 @@ def crop_size(cls: str, rng: np.random.Generator, size_range: Tuple[int, int],
     return int(np.clip(round(median * math.exp(rng.normal(0.0, 0.18))), *size_range))
 
 
-def _progress_reporter(progress: ProgressArg) -> Optional[Callable[[int, int], None]]:
-    if progress is None or progress is False:
-        return None
-    if callable(progress):
-        return progress
-
-    def report(done: int, total: int) -> None:
-        sys.stderr.write(f"\rsynthetic: {done}/{total} cells")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return report
-
 
 def _check_args(seed, size_range) -> Tuple[int, int]:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -831,7 +817,7 @@ def generate(out_dir: os.PathLike, per_class: Union[int, Mapping[str, int]] = 60
             (default_clusters), so FULL_COUNTS gives the real 966 cluster images.
         seed: base seed (>= 0).
         size_range: (min, max) of a crop's longer side in px.
-        progress: True for a progress line on stderr, or a callable(done, total).
+        progress: None, or ``progress(step, done, total)`` after every cell.
         overwrite: replace a non-empty ``out_dir``.
         stems: exact ``NNN_MM`` stems per class (stems_from_csv); overrides the counts.
     Returns:
@@ -849,7 +835,6 @@ def generate(out_dir: os.PathLike, per_class: Union[int, Mapping[str, int]] = 60
                              f"pass overwrite=True")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    report = _progress_reporter(progress)
     total = sum(len(cells) for cells in layout.values())
     try:
         done = 0
@@ -869,8 +854,8 @@ def generate(out_dir: os.PathLike, per_class: Union[int, Mapping[str, int]] = 60
                 (folder / f"{stem}_nuc.dat").write_text(format_dat(nuc))
                 (folder / f"{stem}_cyt.dat").write_text(format_dat(cyt))
                 done += 1
-                if report is not None and (done == total or done % max(1, total // 50) == 0):
-                    report(done, total)
+                if progress is not None and (done == total or done % max(1, total // 50) == 0):
+                    progress("synthetic cells", done, total)
         summary = {
             "out_dir": str(out),
             "seed": seed,

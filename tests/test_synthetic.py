@@ -368,5 +368,5 @@ def test_bad_arguments(tmp_path, kwargs, flag):
 def test_progress_callable(tmp_path):
     calls = []
     S.generate(tmp_path / "p", per_class={"Parabasal": 3},
-               progress=lambda done, total: calls.append((done, total)))
+               progress=lambda step, done, total: calls.append((done, total)))
     assert calls[-1] == (3, 3) and all(t == 3 for _, t in calls)
