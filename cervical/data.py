@@ -50,19 +50,28 @@ SIPAKMED_CLASSES = ("Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal",
 HERLEV_CLASSES = ("carcinoma_in_situ", "light_dysplastic", "moderate_dysplastic", "normal_columnar",
                   "normal_intermediate", "normal_superficiel", "severe_dysplastic")
 
-# Label tasks: folder class -> task class. None = identity.
+def _grouping(classes: Sequence[str], benign: Sequence[str] = ()) -> Dict[str, str]:
+    """Folder class -> "abnormal" / "benign" / "normal", the abnormal classes being those of
+    ``cervical.metrics.default_abnormal_classes`` (the package's one definition)."""
+    from cervical.metrics import default_abnormal_classes
+
+    abnormal = set(default_abnormal_classes(classes) or ())
+    return {c: "abnormal" if c in abnormal else "benign" if c in benign else "normal"
+            for c in classes}
+
+
+# Label tasks: folder class -> task class. None = identity. SIPaKMeD (Plissiti et al. 2018):
+# Dyskeratotic and Koilocytotic abnormal, Metaplastic benign, the rest normal; Herlev: the
+# dysplasias and carcinoma in situ abnormal, the normal_* classes normal.
 TASKS: Dict[str, Dict[str, Optional[Dict[str, str]]]] = {
     "sipakmed": {
         "5class": None,
-        "3class": {"Superficial-Intermediate": "normal", "Parabasal": "normal",
-                   "Koilocytotic": "abnormal", "Dyskeratotic": "abnormal", "Metaplastic": "benign"},
-        "2class": {"Superficial-Intermediate": "normal", "Parabasal": "normal",
-                   "Metaplastic": "normal", "Koilocytotic": "abnormal",
-                   "Dyskeratotic": "abnormal"},
+        "3class": _grouping(SIPAKMED_CLASSES, benign=("Metaplastic",)),
+        "2class": _grouping(SIPAKMED_CLASSES),
     },
     "herlev": {
         "7class": None,
-        "2class": {c: ("normal" if c.startswith("normal") else "abnormal") for c in HERLEV_CLASSES},
+        "2class": _grouping(HERLEV_CLASSES),
     },
     "folders": {"all": None},
 }

@@ -37,11 +37,10 @@ __all__ = [
     "LossError", "supcon_loss", "npairs_loss", "triplet_loss", "TRIPLET_MINING",
     "CONTRASTIVE_LOSSES", "SupConLoss", "NPairsLoss", "TripletLoss", "WeightedCrossentropy",
     "CostMatrixLoss", "weighted_crossentropy", "cost_matrix_loss", "clinical_cost_matrix",
-    "SIPAKMED_ABNORMAL", "LOSS_NAMES", "make_loss",
+    "LOSS_NAMES", "make_loss",
 ]
 
 TRIPLET_MINING = ("batch_all", "batch_hard", "semi_hard")
-SIPAKMED_ABNORMAL = ("Dyskeratotic", "Koilocytotic")   # thesis ch. 4: the abnormal SIPaKMeD classes
 PROB_EPSILON = 1e-7          # probabilities are clipped to [eps, 1] before the log (as Keras does)
 _MASKED = -1e9               # logit for excluded entries: exp() gives exactly 0 but stays finite
 _FAR = 1e9                   # distance sentinel for "not a negative" (real distances lie in [0, 4])
@@ -658,7 +657,7 @@ def cost_matrix_loss(cost_matrix, from_logits: bool = False,
                           crossentropy_weight=crossentropy_weight)
 
 
-def clinical_cost_matrix(class_names: Sequence[str], abnormal: Sequence[str] = SIPAKMED_ABNORMAL,
+def clinical_cost_matrix(class_names: Sequence[str], abnormal: Sequence[str],
                          miss_cost: float = 5.0, false_alarm_cost: float = 1.0,
                          confusion_cost: float = 1.0) -> np.ndarray:
     """Cost matrix for the clinical asymmetry of thesis section 3.2: missing an abnormal cell costs most.
@@ -670,11 +669,13 @@ def clinical_cost_matrix(class_names: Sequence[str], abnormal: Sequence[str] = S
 
     The default costs are illustrative, not from the thesis (it gives none); choose them with
     clinicians. On SIPaKMeD the abnormal classes are Dyskeratotic and Koilocytotic; Metaplastic is
-    benign and Parabasal / Superficial-Intermediate are normal.
+    benign and Parabasal / Superficial-Intermediate are normal (in this package the one definition
+    of which classes are abnormal is ``cervical.metrics.default_abnormal_classes``).
 
     Args:
         class_names: the K class names in label order.
-        abnormal: names of the abnormal classes (each must be in class_names).
+        abnormal: names of the abnormal classes (each must be in class_names), e.g.
+            ``["Dyskeratotic", "Koilocytotic"]`` for SIPaKMeD.
         miss_cost: cost of calling an abnormal cell non-abnormal.
         false_alarm_cost: cost of calling a non-abnormal cell abnormal.
         confusion_cost: cost of any other error.

@@ -433,7 +433,12 @@ def test_cost_matrix_hand_example_and_zero_one_cost():
 
 def test_clinical_cost_matrix_for_sipakmed():
     names = ["Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"]
-    c = losses.clinical_cost_matrix(names, miss_cost=5.0, false_alarm_cost=2.0, confusion_cost=1.0)
+    from cervical import metrics
+
+    abnormal = metrics.default_abnormal_classes(names)          # the package's one definition
+    assert abnormal == ["Dyskeratotic", "Koilocytotic"]
+    c = losses.clinical_cost_matrix(names, abnormal, miss_cost=5.0, false_alarm_cost=2.0,
+                                    confusion_cost=1.0)
     expected = np.array([[0, 1, 5, 5, 5],
                          [1, 0, 5, 5, 5],
                          [2, 2, 0, 1, 1],
