@@ -1,6 +1,6 @@
 """Offline augmentation: the study's six imgaug augmenter groups, re-implemented in NumPy/scikit-image.
 
-The study (study_code_findings.md, section 2) made, for every *training* image, six augmented copies,
+The study (docs/study.md §2) made, for every *training* image, six augmented copies,
 copy ``i`` drawn from augmenter group ``i``::
 
     0 affine             SomeOf(2, random order): rotate U(-90, 90) deg, scale x,y U(0.5, 0.9),

@@ -41,7 +41,7 @@ MAX_PIXELS = 40_000_000         # decompression-bomb guard (a SIPaKMeD crop is <
 MASK_BACKGROUND, MASK_CYTOPLASM, MASK_NUCLEUS = 0, 1, 2
 
 # The study's class-weight constants (balanced weights of its *test* labels 163/165/159/158/167,
-# study_code_findings.md section 7.1). Kept for parity runs only; ours come from train labels.
+# docs/study.md §7). Kept for parity runs only; ours come from train labels.
 THESIS_CLASS_WEIGHTS = {0: 0.996319018404908, 1: 0.9842424242424243, 2: 1.0213836477987421,
                         3: 1.0278481012658227, 4: 0.9724550898203593}
 
@@ -214,8 +214,7 @@ def label_mask_from_contours(nucleus_xy: Optional[np.ndarray], cytoplasm_xy: Opt
 def herlev_label_mask(path: os.PathLike) -> np.ndarray:
     """Herlev expert mask (8-bit palette BMP) -> label mask.
 
-    Palette index 2 = nucleus, 3 = cytoplasm, 1 and 4 = background
-    (../shared/data/herlev_sample/SOURCE.md).
+    Palette index 2 = nucleus, 3 = cytoplasm, 1 and 4 = background (docs/study.md §8).
     """
     from PIL import Image
 

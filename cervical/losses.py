@@ -1,7 +1,7 @@
 """Supervised contrastive and cost-sensitive losses, usable as plain functions and as Keras losses.
 
 The study (thesis section 3.3, 5.3c, Fig. 6.3) compared three contrastive losses. Only one worked in its
-code (study_code_findings.md section 4): its "NT-Xent" ignored the labels and collapsed to ln 31, and
+code (docs/study.md §4): its "NT-Xent" ignored the labels and collapsed to ln 31, and
 its triplet loss used only the first three samples of each batch and collapsed to the margin 0.2. Here
 each loss follows its paper, and tests/test_losses.py checks each against a plain NumPy reference.
 
@@ -190,7 +190,7 @@ def supcon_loss(labels: Optional[ArrayLike], features: ArrayLike, temperature: f
 def npairs_loss(labels: ArrayLike, features: ArrayLike, temperature: float = 0.05) -> tf.Tensor:
     r"""The study's "multi-class N-pairs" loss: tensorflow-addons ``npairs_loss`` on cosine logits.
 
-    This is exactly what the study's notebooks computed (study_code_findings.md section 4, following
+    This is exactly what the study's notebooks computed (docs/study.md §4, following
     the 2020 keras-io "Supervised Contrastive Learning" example): z_i = L2-normalised features,
     logits s_ij = z_i . z_j / tau, target rows T_ij = 1[y_i = y_j] / sum_k 1[y_i = y_k] with the
     SELF-PAIR INCLUDED (j = i counts as a positive and stays in the softmax), and

@@ -3,7 +3,7 @@
 Thesis §5.4 and §6.1 (Eqs. 6.1–6.4) evaluate with accuracy and per-class precision, recall and F1,
 the numbers scikit-learn's ``classification_report`` prints. The study's code labelled the classes
 0–4 and, in half of its notebooks, passed ``confusion_matrix(y_pred, y_test)`` with the arguments
-swapped (study_code_findings.md §5). Here every matrix is ``C[i, j] = #{true = i, predicted = j}``
+swapped (docs/study.md §5). Here every matrix is ``C[i, j] = #{true = i, predicted = j}``
 (rows = true class, columns = predicted class) and every number is keyed by class *name*.
 
 Added on top of the study: balanced accuracy, Cohen's kappa, sensitivity and specificity for the

@@ -1,7 +1,7 @@
 """The study's five ImageNet backbones and ``tiny``, as flat Keras models that take raw RGB pixels.
 
-Thesis section 3.1 and Table 6.1; what the study's code really built is in study_code_findings.md
-section 3 (fine-tuning) and section 4 (contrastive). Every model here:
+Thesis section 3.1 and Table 6.1; what the study's code really built is in docs/study.md §3
+(fine-tuning) and §4 (contrastive). Every model here:
 
 * takes raw RGB pixels, float 0..255, shape (H, W, 3): the preprocessing is a layer inside the model
   (``Preprocess``), so a saved model, the evaluation, the CAMs and LIME all feed the same input;
@@ -47,7 +47,7 @@ global average pooling and a softmax Dense layer: 0.39 M parameters, about 80 M 
 110 px image, a 13x13 feature map whose receptive field (65 px) stays local, so its CAMs can point
 at the nucleus. Its "thesis" variant only drops the /255 scaling.
 
-The contrastive regime (study_code_findings.md section 4) uses ``build_encoder`` (backbone + global
+The contrastive regime (docs/study.md §4) uses ``build_encoder`` (backbone + global
 average pooling; ``"thesis"``: full backbone with the study's per-channel standardisation adapted on
 the training images), ``add_projection_head`` and ``build_contrastive_classifier``.
 """
@@ -85,7 +85,7 @@ class WeightsError(ModelError):
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
-    """How the study used one keras.applications backbone (study_code_findings.md section 3).
+    """How the study used one keras.applications backbone (docs/study.md §3).
 
     Attributes:
         constructor: name of the keras.applications function.
@@ -428,7 +428,7 @@ def _features(name: str, input_shape, weights, variant: str, freeze: Optional[bo
 
 
 def _classifier_head(x, kind: str, num_classes: int):
-    """The study's heads (study_code_findings.md section 3)."""
+    """The study's heads (docs/study.md §3)."""
     if kind == "maxpool_bn":
         x = layers.GlobalMaxPooling2D(name="head_pool")(x)
         x = layers.BatchNormalization(synchronized=True, name="head_bn1")(x)
@@ -487,7 +487,7 @@ def build_encoder(name: str, input_shape: Sequence[int] = (110, 110, 3),
     """Contrastive encoder: raw RGB -> Preprocess -> full backbone -> global average pooling.
 
     This is the study's contrastive encoder (keras.applications ``pooling="avg"``, full backbone,
-    study_code_findings.md section 4), built flat. The study trained it from scratch
+    docs/study.md §4), built flat. The study trained it from scratch
     (``weights=None``) behind a Normalization layer adapted on the training images: pass those
     statistics as ``normalization=(mean, std)`` to reproduce it (the "thesis" variant). Without
     ``normalization`` the preprocessing is the variant's (``preprocess_mode``).

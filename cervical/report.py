@@ -3,7 +3,7 @@
 Thesis §6.3 and §7.1 report, per backbone and training regime, a classification table (Tables
 6.2–6.4), a bar chart of accuracies (Figs 6.1, 6.2, 6.4), the contrastive loss curves (Fig. 6.3)
 and a comparison with previous work (Table 7.1).  This module rebuilds all of them from run
-folders, and fixes what the study's notebooks got wrong (study_code_findings.md §5): confusion
+folders, and fixes what the study's notebooks got wrong (docs/study.md §5): confusion
 matrices with rows = true class and columns = predicted class, class names instead of 0–4,
 intervals, calibration, and the split protocol printed beside every number (the study's cell-level
 split leaks cluster images between train and test).

@@ -37,7 +37,7 @@ gets its own stain (absorption spectra, strengths, eosin/light-green balance), i
 brightness, background haze, noise and blur, large enough that a colour statistic alone is
 ambiguous. Cells of one cluster share that stain, the magnification (crop scale) and a slide-level
 nucleus size factor (+-7 %), so a cell-level split leaks cluster identity and a grouped split does
-not (study_code_findings.md section 1).
+not (docs/study.md §1).
 
 Image formation follows Beer-Lambert absorption, as in colour deconvolution (Ruifrok & Johnston,
 Anal. Quant. Cytol. Histol. 23, 2001)::
@@ -71,7 +71,7 @@ import numpy as np
 
 CLASSES = ("Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate")
 
-#: Cells per class in the real SIPaKMeD (4049 in all; study_code_findings.md section 1). Read-only.
+#: Cells per class in the real SIPaKMeD (4049 in all; docs/study.md §1). Read-only.
 FULL_COUNTS = MappingProxyType({"Dyskeratotic": 813, "Koilocytotic": 825, "Metaplastic": 793,
                                 "Parabasal": 787, "Superficial-Intermediate": 831})
 

@@ -1,6 +1,6 @@
 """Training: a prepared dataset -> a run folder (fine-tune, cost-sensitive, contrastive, baseline).
 
-Thesis sections 3.1-3.3 and 5.3; the study's real settings are in study_code_findings.md sections 3-4.
+Thesis sections 3.1-3.3 and 5.3; the study's real settings are in docs/study.md §3-4.
 ``train(TrainConfig(...))`` is what ``python cli.py train`` calls.
 
 Regimes
@@ -162,7 +162,7 @@ def default_weights(model: str, regime: str, variant: str) -> str:
     """The weights a run uses when none are given.
 
     "none" for tiny and for the thesis variant of the contrastive and baseline regimes (the study
-    trained those encoders from scratch, study_code_findings.md section 4); "imagenet" otherwise.
+    trained those encoders from scratch, docs/study.md §4); "imagenet" otherwise.
     """
     if model == "tiny" or (variant == "thesis" and regime in ("contrastive", "baseline")):
         return "none"

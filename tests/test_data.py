@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 from cervical import data
-from conftest import HERLEV, make_blob_cells
+from conftest import HERLEV, make_blob_cells, requires_herlev
 
 ROOT = Path(__file__).resolve().parents[1]
 SIPAKMED_COUNTS = {"Dyskeratotic": 813, "Koilocytotic": 825, "Metaplastic": 793, "Parabasal": 787,
                    "Superficial-Intermediate": 831}
-# The study's per-class table (study_code_findings.md section 1).
+# The study's per-class table (docs/study.md §1).
 THESIS_TABLE = {"Dyskeratotic": (520, 130, 163), "Koilocytotic": (528, 132, 165),
                 "Metaplastic": (507, 127, 159), "Parabasal": (503, 126, 158),
                 "Superficial-Intermediate": (531, 133, 167)}
@@ -184,7 +184,7 @@ def test_resize_pad_keeps_aspect_and_mask_alignment():
 
 # --- readers -----------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not HERLEV.is_dir(), reason="shared Herlev sample not available")
+@requires_herlev
 def test_herlev_sample_reads_297_cells_with_masks():
     recs = data.read_herlev(HERLEV)
     assert len(recs) == 297 and all(r.mask_image is not None for r in recs)
@@ -243,7 +243,7 @@ def test_prepare_sipakmed_with_contours_and_thesis_split(tmp_path):
                for r in rows)
 
 
-@pytest.mark.skipif(not HERLEV.is_dir(), reason="shared Herlev sample not available")
+@requires_herlev
 def test_prepare_is_byte_identical_when_repeated(tmp_path):
     outs = []
     for k in range(2):

@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import HERLEV, requires_herlev
+
 from cervical import lime_lite as L
 
-HERLEV = "/work/shared/data/herlev_sample"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -169,7 +170,7 @@ def _herlev_cells(k: int = 4) -> list:
     return files[:: max(1, len(files) // k)][:k]
 
 
-@pytest.mark.skipif(not _herlev_cells(), reason="Herlev sample not available")
+@requires_herlev
 @pytest.mark.parametrize("path", _herlev_cells())
 def test_segments_contiguous_on_real_herlev_cells(path):
     from PIL import Image

@@ -122,7 +122,7 @@ def test_study_confusion_matrix_reproduces_thesis_table_6_4():
     # printed 0.98 in the thesis (0.9748 -> 0.975 -> 0.98, rounded twice)
     assert s["per_class"]["Koilocytotic"]["precision"] == pytest.approx(155 / 159)
     assert table["per_class"]["Koilocytotic"]["precision"] == 0.98
-    assert round(s["macro_f1"], 4) == 0.9730  # study_code_findings.md §5
+    assert round(s["macro_f1"], 4) == 0.9730  # docs/study.md §5
     # Dyskeratotic + Koilocytotic abnormal: TP = 160+2+6+155 = 323 of 328; FP = 1+2+1+0+0+0 = 4 of 484
     assert s["abnormal_classes"] == ["Dyskeratotic", "Koilocytotic"]
     assert s["sensitivity"] == pytest.approx(323 / 328)

@@ -15,7 +15,7 @@ from cervical import models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-# From study_code_findings.md section 3 (the study's Keras 2.12 layer lists and printed summaries):
+# From docs/study.md §3 (the study's Keras 2.12 layer lists and printed summaries):
 # (layers in base_model.layers, freeze N, name of layers[N] = first trainable, thesis tap).
 STUDY = {
     "vgg16": (19, 13, "block4_conv3", "block4_conv3"),
