@@ -20,6 +20,28 @@ use it on any Keras 3 model::
     maps = gradcam(model, x)                      # (B, 224, 224) in [0, 1], predicted classes
     rgb = overlay(images[0], maps[0])             # uint8 heat-map overlay for a figure
 
+A check by hand (this file copied alone next to a notebook runs it: ``python -m doctest cams.py``).
+One feature channel equal to the image, global average pooling and a linear layer: the logit of
+class 0 is the mean pixel, so dy^0/dA = 1/16 everywhere, the Grad-CAM weight is 1/16 and the map
+is the image itself, min-max normalised; class 1's weight is negative, so its map is all zero:
+
+>>> import numpy as np, keras
+>>> inp = keras.Input((4, 4, 1))
+>>> feat = keras.layers.Conv2D(1, 1, use_bias=False, name="feat")(inp)
+>>> out = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(feat))
+>>> model = keras.Model(inp, out)
+>>> model.get_layer("feat").set_weights([np.ones((1, 1, 1, 1), np.float32)])
+>>> model.layers[-1].set_weights([np.array([[1.0, -1.0]], np.float32), np.zeros(2, np.float32)])
+>>> x = np.zeros((1, 4, 4, 1), np.float32); x[0, 1, 2, 0] = 1.0     # one bright pixel
+>>> gradcam(model, x, class_index=0, layer="feat")[0].tolist()
+[[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+>>> float(gradcam(model, x, class_index=1, layer="feat").max())
+0.0
+
+Reading order of this file: the equations of each method's channel weights, the NumPy
+post-processing, the template and the public functions, figures; the Keras plumbing (reading a
+model, tapping a layer) comes last.
+
 How the model is read (no model surgery, no "Graph disconnected")
     Instead of building a new ``keras.Model`` from inner tensors (what fails for a backbone nested as a
     layer, tf-keras-vis #71, #63, #48), the target layer and the final softmax/sigmoid are *tapped*:
@@ -105,6 +127,73 @@ EPS = 1e-7
 
 class CamError(ValueError):
     """A CAM could not be computed from the given arguments (the message names the argument)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-method channel weights (NumPy). A: activations (B, h, w, K); G: dy^c/dA, same shape.
+# ---------------------------------------------------------------------------------------------
+
+
+def gradcam_weights(activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """Grad-CAM weights (Selvaraju et al. 2017, eq. 1): w_k = (1 / hw) sum_ij dy^c / dA^k_ij.
+
+    Args:
+        activations: A, shape (B, h, w, K) (unused; kept for the common signature).
+        grads: G = dy^c/dA, shape (B, h, w, K).
+
+    Returns:
+        weights of shape (B, 1, 1, K).
+    """
+    del activations
+    return grads.mean(axis=(1, 2), keepdims=True)
+
+
+def layercam_weights(activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """LayerCAM weights (Jiang et al. 2021, eq. 5): one weight per position, w_kij = ReLU(dy^c/dA^k_ij).
+
+    With these weights the template gives map = ReLU(sum_k ReLU(G^k) * A^k); it equals Grad-CAM when the
+    gradients are spatially constant and positive.
+
+    Args:
+        activations: A, shape (B, h, w, K) (unused).
+        grads: G, shape (B, h, w, K).
+
+    Returns:
+        weights of shape (B, h, w, K).
+    """
+    del activations
+    return np.maximum(grads, 0.0)
+
+
+def gradcam_plus_plus_weights(activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """Grad-CAM++ weights, closed form for an exponential score (Chattopadhay et al. 2018, eq. 19).
+
+    As the study's toolkit (tf-keras-vis) computes it, with E = exp(y^c):
+        D1 = E G,  D2 = E G^2,  D3 = E G^3,  S_k = sum_ij A^k_ij
+        alpha_kij = D2 / (2 D2 + D3 S_k)     (alpha = 0 where D2 = 0)
+        alpha_kij <- alpha_kij / sum_ij alpha_kij   (per-channel normalisation; kept when the sum is 0)
+        w_k = sum_ij ReLU(D1_kij) alpha_kij
+    E cancels in alpha and scales every w_k of an image by the same positive constant, which the final
+    min-max normalisation removes; it is therefore left out (E = 1), which also avoids overflow of
+    exp(y^c) for large logits. A denominator 2 D2 + D3 S_k = 0 (G S_k = -2) gives alpha = 0 instead of
+    the toolkit's inf. pytorch-grad-cam omits the per-channel normalisation of alpha.
+
+    Args:
+        activations: A, shape (B, h, w, K).
+        grads: G = dy^c/dA with y^c the logit, shape (B, h, w, K).
+
+    Returns:
+        weights of shape (B, 1, 1, K).
+    """
+    g2 = grads**2
+    g3 = g2 * grads
+    channel_sum = activations.sum(axis=(1, 2), keepdims=True)
+    denom = 2.0 * g2 + g3 * channel_sum
+    denom = denom + (g2 == 0.0)
+    alpha = np.divide(g2, denom, out=np.zeros_like(g2), where=denom != 0.0)
+    alpha_sum = alpha.sum(axis=(1, 2), keepdims=True)
+    alpha = alpha / (alpha_sum + (alpha_sum == 0.0))
+    return np.sum(np.maximum(grads, 0.0) * alpha, axis=(1, 2), keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,70 +292,320 @@ def _weighted_sum(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-method channel weights (NumPy). A: activations (B, h, w, K); G: dy^c/dA, same shape.
+# The template and the public methods
+# ---------------------------------------------------------------------------------------------
+
+WeightFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _gradient_cam(weight_fn: WeightFunction, model: Any, images: Any, class_index: ClassIndex,
+                  layer: Any, upsample: bool, batch_size: int) -> np.ndarray:
+    """Shared template of the gradient methods: (A, G) once per chunk, then weights and weighted sum."""
+    x = _check_images(images)
+    batch_size = _check_batch_size(batch_size)
+    tap = _tap_for(model, layer)
+    classes = _class_vector(class_index, len(x), tap.num_classes)
+    cams = []
+    for start in range(0, len(x), batch_size):
+        chunk = slice(start, start + batch_size)
+        acts, grads, _ = tap.forward_backward(x[chunk], classes[chunk])
+        cams.append(_weighted_sum(acts, weight_fn(acts, grads)))
+    return _finish(np.concatenate(cams), x.shape[1:3], upsample)
+
+
+def gradcam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
+            upsample: bool = True, batch_size: int = 32) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al., ICCV 2017).
+
+    map = ReLU(sum_k w_k A^k), w_k = (1 / hw) sum_ij dy^c / dA^k_ij, y^c the logit of class c.
+
+    Args:
+        model: a Keras model taking ``images`` as they are (e.g. raw 0..255 pixels when preprocessing
+            is a layer of the model); functional, Sequential or with a nested backbone.
+        images: float array (B, H, W, C).
+        class_index: None = each image's predicted class; an int = that class for every image; a
+            sequence of B ints = one class per image.
+        layer: target layer name (searched recursively; "/"-path for duplicates), a layer, or None for
+            :func:`find_target_layer`.
+        upsample: True = resize bilinearly to (H, W) then normalise; False = normalise at the
+            feature-map resolution (h, w).
+        batch_size: images per forward/backward pass (bounds memory).
+
+    Returns:
+        float32 array (B, H, W) (or (B, h, w)) with values in [0, 1]; all zeros where the map is
+        constant (e.g. no positive evidence).
+
+    Raises:
+        CamError: on a bad argument (message names it), an unknown or non-4-D layer, or a multi-output
+            model.
+    """
+    return _gradient_cam(gradcam_weights, model, images, class_index, layer, upsample, batch_size)
+
+
+def gradcam_plus_plus(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
+                      upsample: bool = True, batch_size: int = 32) -> np.ndarray:
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018, eq. 19, as computed by tf-keras-vis).
+
+    map = ReLU(sum_k w_k A^k) with w_k from :func:`gradcam_plus_plus_weights` (alpha normalised per
+    channel). Arguments, returns and errors as :func:`gradcam`.
+    """
+    return _gradient_cam(gradcam_plus_plus_weights, model, images, class_index, layer, upsample, batch_size)
+
+
+def layercam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
+             upsample: bool = True, batch_size: int = 32) -> np.ndarray:
+    """LayerCAM (Jiang et al., IEEE TIP 2021).
+
+    map = ReLU(sum_k ReLU(dy^c/dA^k) * A^k) (element-wise, no spatial averaging of the gradients).
+    Arguments, returns and errors as :func:`gradcam`.
+    """
+    return _gradient_cam(layercam_weights, model, images, class_index, layer, upsample, batch_size)
+
+
+def _top_channels_by_std(activations: np.ndarray, max_n: Optional[int]) -> np.ndarray:
+    """Per image, the indices (B, n) of the n channels with the largest spatial standard deviation.
+
+    max_n None, or max_n >= K, keeps every channel (full Score-CAM). Ties go to the lower channel index.
+    """
+    batch, channels = activations.shape[0], activations.shape[-1]
+    if max_n is None or max_n >= channels:
+        return np.tile(np.arange(channels), (batch, 1))
+    std = activations.reshape(batch, -1, channels).std(axis=1)
+    order = np.argsort(-std, axis=1, kind="stable")
+    return np.sort(order[:, :max_n], axis=1)
+
+
+def _scorecam_weights(tap: _Tap, x: np.ndarray, acts: np.ndarray, classes: np.ndarray,
+                      channels: np.ndarray, batch_size: int, progress: Optional[Callable]) -> np.ndarray:
+    """Score-CAM weights (B, 1, 1, K): w_k = p_c(X * M^k) for the selected channels, 0 for the others.
+
+    M^k = minmax(upsample(A^k)) is the k-th channel upsampled to the input and normalised to [0, 1];
+    p_c is the target-class probability of the masked image. (image, channel) pairs are streamed in
+    chunks of ``batch_size`` masked images, so memory does not grow with the number of channels.
+    """
+    batch, height, width = x.shape[0], x.shape[1], x.shape[2]
+    pair_image = np.repeat(np.arange(batch), channels.shape[1])
+    pair_channel = channels.reshape(-1)
+    weights = np.zeros((batch, acts.shape[-1]), dtype=np.float64)
+    total = len(pair_image)
+    step = -(-total // -(-total // batch_size))  # equal chunks of at most batch_size (80 -> 40 + 40)
+    for start in range(0, total, step):
+        b = pair_image[start : start + step]
+        k = pair_channel[start : start + step]
+        masks = minmax_normalize(resize_bilinear(acts[b, :, :, k], (height, width)))
+        masked = x[b]  # a copy (fancy indexing), multiplied in place: one allocation per chunk
+        masked *= masks[..., None].astype(np.float32)
+        logits = tap.forward(masked, activations=False)[1]
+        weights[b, k] = tap.probability(logits)[np.arange(len(b)), classes[b]]
+        if progress is not None:
+            progress("score-cam masked images", min(start + step, total), total)
+    return weights[:, None, None, :]
+
+
+def _score_cam(model: Any, images: Any, class_index: ClassIndex, layer: Any, max_n: Optional[int],
+               batch_size: int, upsample: bool, progress: Optional[Callable]) -> np.ndarray:
+    """Score-CAM template: forward once for A and the predicted classes, then masked forwards."""
+    x = _check_images(images)
+    batch_size = _check_batch_size(batch_size)
+    if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer))
+                              or max_n < 1):
+        raise CamError(f"max_n must be a positive int (or None for every channel); got {max_n!r}")
+    tap = _tap_for(model, layer)
+    classes = _class_vector(class_index, len(x), tap.num_classes)
+    cams = []
+    for start in range(0, len(x), batch_size):
+        xs, cs = x[start : start + batch_size], classes[start : start + batch_size]
+        acts, logits = tap.forward(xs)
+        cs = np.where(cs < 0, logits.argmax(axis=-1), cs)
+        channels = _top_channels_by_std(acts, max_n)
+        weights = _scorecam_weights(tap, xs, acts, cs, channels, batch_size, progress)
+        cams.append(_weighted_sum(acts, weights))
+    return _finish(np.concatenate(cams), x.shape[1:3], upsample)
+
+
+def scorecam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
+             max_n: Optional[int] = None, batch_size: int = 64, upsample: bool = True,
+             progress: Optional[Callable] = None) -> np.ndarray:
+    """Score-CAM (Wang et al., CVPR-W 2020), with the toolkit's masking but the true probability.
+
+    For every channel k: M^k = minmax(upsample(A^k)) (bilinear to the input size, per image and channel,
+    constant channels give M^k = 0), w_k = p_c(X * M^k), the target-class probability of the masked
+    image (softmax of the model's logits, the mask broadcast over colour channels); map =
+    ReLU(sum_k w_k A^k). No baseline subtraction and no softmax across channels (pytorch-grad-cam
+    differs there). Costs one forward pass per (image, channel).
+
+    One departure from the study's toolkit: tf-keras-vis applies its own softmax to the model's
+    OUTPUT, which for the study's models was already a softmax, so its weights were softmax(p)_c,
+    squeezed into about [0.175, 0.405] for 5 classes instead of p_c in [0, 1]. We use p_c, Score-CAM's
+    definition; the maps differ from the study's by that monotone squeeze of each channel weight.
+
+    Args:
+        model, images, class_index, layer, upsample: as :func:`gradcam`.
+        max_n: None = every channel; an int n = only the n channels with the largest spatial standard
+            deviation, chosen per image (Faster-Score-CAM); n >= K keeps every channel (tf-keras-vis
+            raises instead).
+        batch_size: masked images per forward pass (and original images per chunk); bounds memory.
+        progress: None, or ``progress(step, done, total)`` after every chunk of masked images.
+
+    Returns:
+        float32 array (B, H, W) (or (B, h, w)) in [0, 1].
+
+    Raises:
+        CamError: on a bad argument (e.g. max_n < 1); see :func:`gradcam`.
+    """
+    return _score_cam(model, images, class_index, layer, max_n, batch_size, upsample, progress)
+
+
+def faster_scorecam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
+                    max_n: Optional[int] = 10, batch_size: int = 64, upsample: bool = True,
+                    progress: Optional[Callable] = None) -> np.ndarray:
+    """Faster-Score-CAM: Score-CAM restricted, per image, to the ``max_n`` channels with the largest
+    spatial standard deviation std_ij(A^k_ij) (the other channels get weight 0).
+
+    tf-keras-vis takes the union of the selected channels over the batch, so an image's map depends on
+    the other images of its batch; here the selection is per image. Arguments as :func:`scorecam`.
+    """
+    return _score_cam(model, images, class_index, layer, max_n, batch_size, upsample, progress)
+
+
+METHODS: Dict[str, Callable[..., np.ndarray]] = {
+    "gradcam": gradcam,
+    "gradcam++": gradcam_plus_plus,
+    "layercam": layercam,
+    "scorecam": scorecam,
+    "faster-scorecam": faster_scorecam,
+}
+
+
+#: Display names of the methods (figure columns, tables).
+TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "layercam": "LayerCAM",
+          "scorecam": "Score-CAM", "faster-scorecam": "Faster-Score-CAM"}
+
+_ALIASES = {"grad-cam": "gradcam", "gradcam-plus-plus": "gradcam++", "grad-cam++": "gradcam++",
+            "gradcampp": "gradcam++", "gradcam-pp": "gradcam++", "layer-cam": "layercam",
+            "score-cam": "scorecam", "faster-score-cam": "faster-scorecam",
+            "fasterscorecam": "faster-scorecam"}
+
+
+def canonical_method(name: str) -> Optional[str]:
+    """The METHODS key for a method name, or None: case-insensitive, "_" and "-" interchangeable,
+    common spellings accepted ("Grad-CAM++", "gradcam_plus_plus", "score_cam", ...)."""
+    key = str(name).strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    return key if key in METHODS else None
+
+
+def compute(method_name: str, model: Any, images: Any, **kwargs: Any) -> np.ndarray:
+    """Run a CAM method by name: "gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam".
+
+    Names are case-insensitive; "_" and "-" are interchangeable and "gradcam_plus_plus" is accepted.
+
+    Args:
+        method_name: the method.
+        model, images: as :func:`gradcam`.
+        **kwargs: keyword arguments of the method (class_index, layer, upsample, max_n, ...).
+
+    Returns:
+        float32 array (B, H, W) in [0, 1].
+
+    Raises:
+        CamError: for an unknown method name.
+    """
+    key = canonical_method(method_name)
+    if key is None:
+        raise CamError(f"unknown CAM method {method_name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[key](model, images, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
 # ---------------------------------------------------------------------------------------------
 
 
-def gradcam_weights(activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    """Grad-CAM weights (Selvaraju et al. 2017, eq. 1): w_k = (1 / hw) sum_ij dy^c / dA^k_ij.
+def overlay(image: Any, cam: Any, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
+    """Blend a CAM, coloured with a matplotlib colormap, over an image.
+
+    out = (1 - alpha) * image + alpha * 255 * colormap(cam)[..., :3], rounded to uint8.
 
     Args:
-        activations: A, shape (B, h, w, K) (unused; kept for the common signature).
-        grads: G = dy^c/dA, shape (B, h, w, K).
+        image: (H, W, 3) or (H, W) RGB/grey image with values 0..255 (uint8 or float).
+        cam: (h, w) map in [0, 1]; resized bilinearly to (H, W) if needed; values are clipped to [0, 1].
+        alpha: weight of the heat map, in [0, 1].
+        colormap: a matplotlib colormap name ("jet", "viridis", "inferno", ...).
 
     Returns:
-        weights of shape (B, 1, 1, K).
+        uint8 array (H, W, 3).
+
+    Raises:
+        CamError: for bad shapes, alpha outside [0, 1] or an unknown colormap.
     """
-    del activations
-    return grads.mean(axis=(1, 2), keepdims=True)
+    import matplotlib
+
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] not in (1, 3):
+        raise CamError(f"image must be (H, W, 3) or (H, W); got shape {img.shape}")
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    heat = np.asarray(cam, dtype=np.float64)
+    if heat.ndim != 2:
+        raise CamError(f"cam must be one 2-D map (h, w); got shape {heat.shape}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise CamError(f"alpha must lie in [0, 1]; got {alpha!r}")
+    try:
+        cmap = matplotlib.colormaps[colormap]
+    except KeyError:
+        raise CamError(f"unknown colormap {colormap!r}; use a matplotlib name such as 'jet' or 'viridis'")
+    if heat.shape != img.shape[:2]:
+        heat = resize_bilinear(heat, img.shape[:2])
+    colour = cmap(np.clip(np.nan_to_num(heat), 0.0, 1.0))[..., :3] * 255.0
+    blended = (1.0 - alpha) * np.clip(img, 0.0, 255.0) + alpha * colour
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
-def layercam_weights(activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    """LayerCAM weights (Jiang et al. 2021, eq. 5): one weight per position, w_kij = ReLU(dy^c/dA^k_ij).
-
-    With these weights the template gives map = ReLU(sum_k ReLU(G^k) * A^k); it equals Grad-CAM when the
-    gradients are spatially constant and positive.
-
-    Args:
-        activations: A, shape (B, h, w, K) (unused).
-        grads: G, shape (B, h, w, K).
-
-    Returns:
-        weights of shape (B, h, w, K).
-    """
-    del activations
-    return np.maximum(grads, 0.0)
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
 
 
-def gradcam_plus_plus_weights(activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    """Grad-CAM++ weights, closed form for an exponential score (Chattopadhay et al. 2018, eq. 19).
+def _check_images(images: Any) -> np.ndarray:
+    x = np.asarray(images)
+    if x.ndim != 4:
+        raise CamError(f"images must be a 4-D batch (B, H, W, C); got shape {x.shape} "
+                       "(use images[None] for one image)")
+    if x.shape[0] == 0:
+        raise CamError("images is an empty batch; pass at least one image")
+    if not np.issubdtype(x.dtype, np.number):
+        raise CamError(f"images must be numeric; got dtype {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(x)):
+        raise CamError("images contain NaN or inf; pass finite pixel values")
+    return x
 
-    As the study's toolkit (tf-keras-vis) computes it, with E = exp(y^c):
-        D1 = E G,  D2 = E G^2,  D3 = E G^3,  S_k = sum_ij A^k_ij
-        alpha_kij = D2 / (2 D2 + D3 S_k)     (alpha = 0 where D2 = 0)
-        alpha_kij <- alpha_kij / sum_ij alpha_kij   (per-channel normalisation; kept when the sum is 0)
-        w_k = sum_ij ReLU(D1_kij) alpha_kij
-    E cancels in alpha and scales every w_k of an image by the same positive constant, which the final
-    min-max normalisation removes; it is therefore left out (E = 1), which also avoids overflow of
-    exp(y^c) for large logits. A denominator 2 D2 + D3 S_k = 0 (G S_k = -2) gives alpha = 0 instead of
-    the toolkit's inf. pytorch-grad-cam omits the per-channel normalisation of alpha.
 
-    Args:
-        activations: A, shape (B, h, w, K).
-        grads: G = dy^c/dA with y^c the logit, shape (B, h, w, K).
+def _class_vector(class_index: ClassIndex, batch: int, num_classes: int) -> np.ndarray:
+    """One class per image as int32 (B,), -1 meaning "the predicted class"."""
+    if class_index is None:
+        return np.full(batch, -1, dtype=np.int32)
+    if isinstance(class_index, (bool, np.bool_)):
+        raise CamError(f"class_index must be None, an int or one int per image; got {class_index!r}")
+    if isinstance(class_index, (int, np.integer)):
+        classes = np.full(batch, int(class_index), dtype=np.int64)
+    else:
+        classes = np.asarray(class_index)
+        if classes.ndim != 1 or classes.shape[0] != batch or not np.issubdtype(classes.dtype, np.integer):
+            raise CamError(f"class_index must be None, an int or a sequence of {batch} ints "
+                           f"(one per image); got {class_index!r}")
+    if classes.min() < 0 or classes.max() >= num_classes:
+        raise CamError(f"class_index values must lie in [0, {num_classes - 1}]; got {class_index!r}")
+    return classes.astype(np.int32)
 
-    Returns:
-        weights of shape (B, 1, 1, K).
-    """
-    g2 = grads**2
-    g3 = g2 * grads
-    channel_sum = activations.sum(axis=(1, 2), keepdims=True)
-    denom = 2.0 * g2 + g3 * channel_sum
-    denom = denom + (g2 == 0.0)
-    alpha = np.divide(g2, denom, out=np.zeros_like(g2), where=denom != 0.0)
-    alpha_sum = alpha.sum(axis=(1, 2), keepdims=True)
-    alpha = alpha / (alpha_sum + (alpha_sum == 0.0))
-    return np.sum(np.maximum(grads, 0.0) * alpha, axis=(1, 2), keepdims=True)
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise CamError(f"batch_size must be a positive int; got {batch_size!r}")
+    return int(batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,320 +990,3 @@ def clear_cache(model: Any = None) -> None:
         _TAPS.clear()
     else:
         _TAPS.pop(model, None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_images(images: Any) -> np.ndarray:
-    x = np.asarray(images)
-    if x.ndim != 4:
-        raise CamError(f"images must be a 4-D batch (B, H, W, C); got shape {x.shape} "
-                       "(use images[None] for one image)")
-    if x.shape[0] == 0:
-        raise CamError("images is an empty batch; pass at least one image")
-    if not np.issubdtype(x.dtype, np.number):
-        raise CamError(f"images must be numeric; got dtype {x.dtype}")
-    x = x.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(x)):
-        raise CamError("images contain NaN or inf; pass finite pixel values")
-    return x
-
-
-def _class_vector(class_index: ClassIndex, batch: int, num_classes: int) -> np.ndarray:
-    """One class per image as int32 (B,), -1 meaning "the predicted class"."""
-    if class_index is None:
-        return np.full(batch, -1, dtype=np.int32)
-    if isinstance(class_index, (bool, np.bool_)):
-        raise CamError(f"class_index must be None, an int or one int per image; got {class_index!r}")
-    if isinstance(class_index, (int, np.integer)):
-        classes = np.full(batch, int(class_index), dtype=np.int64)
-    else:
-        classes = np.asarray(class_index)
-        if classes.ndim != 1 or classes.shape[0] != batch or not np.issubdtype(classes.dtype, np.integer):
-            raise CamError(f"class_index must be None, an int or a sequence of {batch} ints "
-                           f"(one per image); got {class_index!r}")
-    if classes.min() < 0 or classes.max() >= num_classes:
-        raise CamError(f"class_index values must lie in [0, {num_classes - 1}]; got {class_index!r}")
-    return classes.astype(np.int32)
-
-
-def _check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise CamError(f"batch_size must be a positive int; got {batch_size!r}")
-    return int(batch_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# The template and the public methods
-# ---------------------------------------------------------------------------------------------
-
-WeightFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def _gradient_cam(weight_fn: WeightFunction, model: Any, images: Any, class_index: ClassIndex,
-                  layer: Any, upsample: bool, batch_size: int) -> np.ndarray:
-    """Shared template of the gradient methods: (A, G) once per chunk, then weights and weighted sum."""
-    x = _check_images(images)
-    batch_size = _check_batch_size(batch_size)
-    tap = _tap_for(model, layer)
-    classes = _class_vector(class_index, len(x), tap.num_classes)
-    cams = []
-    for start in range(0, len(x), batch_size):
-        chunk = slice(start, start + batch_size)
-        acts, grads, _ = tap.forward_backward(x[chunk], classes[chunk])
-        cams.append(_weighted_sum(acts, weight_fn(acts, grads)))
-    return _finish(np.concatenate(cams), x.shape[1:3], upsample)
-
-
-def gradcam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
-            upsample: bool = True, batch_size: int = 32) -> np.ndarray:
-    """Grad-CAM (Selvaraju et al., ICCV 2017).
-
-    map = ReLU(sum_k w_k A^k), w_k = (1 / hw) sum_ij dy^c / dA^k_ij, y^c the logit of class c.
-
-    Args:
-        model: a Keras model taking ``images`` as they are (e.g. raw 0..255 pixels when preprocessing
-            is a layer of the model); functional, Sequential or with a nested backbone.
-        images: float array (B, H, W, C).
-        class_index: None = each image's predicted class; an int = that class for every image; a
-            sequence of B ints = one class per image.
-        layer: target layer name (searched recursively; "/"-path for duplicates), a layer, or None for
-            :func:`find_target_layer`.
-        upsample: True = resize bilinearly to (H, W) then normalise; False = normalise at the
-            feature-map resolution (h, w).
-        batch_size: images per forward/backward pass (bounds memory).
-
-    Returns:
-        float32 array (B, H, W) (or (B, h, w)) with values in [0, 1]; all zeros where the map is
-        constant (e.g. no positive evidence).
-
-    Raises:
-        CamError: on a bad argument (message names it), an unknown or non-4-D layer, or a multi-output
-            model.
-    """
-    return _gradient_cam(gradcam_weights, model, images, class_index, layer, upsample, batch_size)
-
-
-def gradcam_plus_plus(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
-                      upsample: bool = True, batch_size: int = 32) -> np.ndarray:
-    """Grad-CAM++ (Chattopadhay et al., WACV 2018, eq. 19, as computed by tf-keras-vis).
-
-    map = ReLU(sum_k w_k A^k) with w_k from :func:`gradcam_plus_plus_weights` (alpha normalised per
-    channel). Arguments, returns and errors as :func:`gradcam`.
-    """
-    return _gradient_cam(gradcam_plus_plus_weights, model, images, class_index, layer, upsample, batch_size)
-
-
-def layercam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
-             upsample: bool = True, batch_size: int = 32) -> np.ndarray:
-    """LayerCAM (Jiang et al., IEEE TIP 2021).
-
-    map = ReLU(sum_k ReLU(dy^c/dA^k) * A^k) (element-wise, no spatial averaging of the gradients).
-    Arguments, returns and errors as :func:`gradcam`.
-    """
-    return _gradient_cam(layercam_weights, model, images, class_index, layer, upsample, batch_size)
-
-
-def _top_channels_by_std(activations: np.ndarray, max_n: Optional[int]) -> np.ndarray:
-    """Per image, the indices (B, n) of the n channels with the largest spatial standard deviation.
-
-    max_n None, or max_n >= K, keeps every channel (full Score-CAM). Ties go to the lower channel index.
-    """
-    batch, channels = activations.shape[0], activations.shape[-1]
-    if max_n is None or max_n >= channels:
-        return np.tile(np.arange(channels), (batch, 1))
-    std = activations.reshape(batch, -1, channels).std(axis=1)
-    order = np.argsort(-std, axis=1, kind="stable")
-    return np.sort(order[:, :max_n], axis=1)
-
-
-def _scorecam_weights(tap: _Tap, x: np.ndarray, acts: np.ndarray, classes: np.ndarray,
-                      channels: np.ndarray, batch_size: int, progress: Optional[Callable]) -> np.ndarray:
-    """Score-CAM weights (B, 1, 1, K): w_k = p_c(X * M^k) for the selected channels, 0 for the others.
-
-    M^k = minmax(upsample(A^k)) is the k-th channel upsampled to the input and normalised to [0, 1];
-    p_c is the target-class probability of the masked image. (image, channel) pairs are streamed in
-    chunks of ``batch_size`` masked images, so memory does not grow with the number of channels.
-    """
-    batch, height, width = x.shape[0], x.shape[1], x.shape[2]
-    pair_image = np.repeat(np.arange(batch), channels.shape[1])
-    pair_channel = channels.reshape(-1)
-    weights = np.zeros((batch, acts.shape[-1]), dtype=np.float64)
-    total = len(pair_image)
-    step = -(-total // -(-total // batch_size))  # equal chunks of at most batch_size (80 -> 40 + 40)
-    for start in range(0, total, step):
-        b = pair_image[start : start + step]
-        k = pair_channel[start : start + step]
-        masks = minmax_normalize(resize_bilinear(acts[b, :, :, k], (height, width)))
-        masked = x[b]  # a copy (fancy indexing), multiplied in place: one allocation per chunk
-        masked *= masks[..., None].astype(np.float32)
-        logits = tap.forward(masked, activations=False)[1]
-        weights[b, k] = tap.probability(logits)[np.arange(len(b)), classes[b]]
-        if progress is not None:
-            progress("score-cam masked images", min(start + step, total), total)
-    return weights[:, None, None, :]
-
-
-def _score_cam(model: Any, images: Any, class_index: ClassIndex, layer: Any, max_n: Optional[int],
-               batch_size: int, upsample: bool, progress: Optional[Callable]) -> np.ndarray:
-    """Score-CAM template: forward once for A and the predicted classes, then masked forwards."""
-    x = _check_images(images)
-    batch_size = _check_batch_size(batch_size)
-    if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer))
-                              or max_n < 1):
-        raise CamError(f"max_n must be a positive int (or None for every channel); got {max_n!r}")
-    tap = _tap_for(model, layer)
-    classes = _class_vector(class_index, len(x), tap.num_classes)
-    cams = []
-    for start in range(0, len(x), batch_size):
-        xs, cs = x[start : start + batch_size], classes[start : start + batch_size]
-        acts, logits = tap.forward(xs)
-        cs = np.where(cs < 0, logits.argmax(axis=-1), cs)
-        channels = _top_channels_by_std(acts, max_n)
-        weights = _scorecam_weights(tap, xs, acts, cs, channels, batch_size, progress)
-        cams.append(_weighted_sum(acts, weights))
-    return _finish(np.concatenate(cams), x.shape[1:3], upsample)
-
-
-def scorecam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
-             max_n: Optional[int] = None, batch_size: int = 64, upsample: bool = True,
-             progress: Optional[Callable] = None) -> np.ndarray:
-    """Score-CAM (Wang et al., CVPR-W 2020), with the toolkit's masking but the true probability.
-
-    For every channel k: M^k = minmax(upsample(A^k)) (bilinear to the input size, per image and channel,
-    constant channels give M^k = 0), w_k = p_c(X * M^k), the target-class probability of the masked
-    image (softmax of the model's logits, the mask broadcast over colour channels); map =
-    ReLU(sum_k w_k A^k). No baseline subtraction and no softmax across channels (pytorch-grad-cam
-    differs there). Costs one forward pass per (image, channel).
-
-    One departure from the study's toolkit: tf-keras-vis applies its own softmax to the model's
-    OUTPUT, which for the study's models was already a softmax, so its weights were softmax(p)_c,
-    squeezed into about [0.175, 0.405] for 5 classes instead of p_c in [0, 1]. We use p_c, Score-CAM's
-    definition; the maps differ from the study's by that monotone squeeze of each channel weight.
-
-    Args:
-        model, images, class_index, layer, upsample: as :func:`gradcam`.
-        max_n: None = every channel; an int n = only the n channels with the largest spatial standard
-            deviation, chosen per image (Faster-Score-CAM); n >= K keeps every channel (tf-keras-vis
-            raises instead).
-        batch_size: masked images per forward pass (and original images per chunk); bounds memory.
-        progress: None, or ``progress(step, done, total)`` after every chunk of masked images.
-
-    Returns:
-        float32 array (B, H, W) (or (B, h, w)) in [0, 1].
-
-    Raises:
-        CamError: on a bad argument (e.g. max_n < 1); see :func:`gradcam`.
-    """
-    return _score_cam(model, images, class_index, layer, max_n, batch_size, upsample, progress)
-
-
-def faster_scorecam(model: Any, images: Any, class_index: ClassIndex = None, layer: Any = None,
-                    max_n: Optional[int] = 10, batch_size: int = 64, upsample: bool = True,
-                    progress: Optional[Callable] = None) -> np.ndarray:
-    """Faster-Score-CAM: Score-CAM restricted, per image, to the ``max_n`` channels with the largest
-    spatial standard deviation std_ij(A^k_ij) (the other channels get weight 0).
-
-    tf-keras-vis takes the union of the selected channels over the batch, so an image's map depends on
-    the other images of its batch; here the selection is per image. Arguments as :func:`scorecam`.
-    """
-    return _score_cam(model, images, class_index, layer, max_n, batch_size, upsample, progress)
-
-
-METHODS: Dict[str, Callable[..., np.ndarray]] = {
-    "gradcam": gradcam,
-    "gradcam++": gradcam_plus_plus,
-    "layercam": layercam,
-    "scorecam": scorecam,
-    "faster-scorecam": faster_scorecam,
-}
-
-
-#: Display names of the methods (figure columns, tables).
-TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "layercam": "LayerCAM",
-          "scorecam": "Score-CAM", "faster-scorecam": "Faster-Score-CAM"}
-
-_ALIASES = {"grad-cam": "gradcam", "gradcam-plus-plus": "gradcam++", "grad-cam++": "gradcam++",
-            "gradcampp": "gradcam++", "gradcam-pp": "gradcam++", "layer-cam": "layercam",
-            "score-cam": "scorecam", "faster-score-cam": "faster-scorecam",
-            "fasterscorecam": "faster-scorecam"}
-
-
-def canonical_method(name: str) -> Optional[str]:
-    """The METHODS key for a method name, or None: case-insensitive, "_" and "-" interchangeable,
-    common spellings accepted ("Grad-CAM++", "gradcam_plus_plus", "score_cam", ...)."""
-    key = str(name).strip().lower().replace("_", "-")
-    key = _ALIASES.get(key, key)
-    return key if key in METHODS else None
-
-
-def compute(method_name: str, model: Any, images: Any, **kwargs: Any) -> np.ndarray:
-    """Run a CAM method by name: "gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam".
-
-    Names are case-insensitive; "_" and "-" are interchangeable and "gradcam_plus_plus" is accepted.
-
-    Args:
-        method_name: the method.
-        model, images: as :func:`gradcam`.
-        **kwargs: keyword arguments of the method (class_index, layer, upsample, max_n, ...).
-
-    Returns:
-        float32 array (B, H, W) in [0, 1].
-
-    Raises:
-        CamError: for an unknown method name.
-    """
-    key = canonical_method(method_name)
-    if key is None:
-        raise CamError(f"unknown CAM method {method_name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[key](model, images, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------------------------
-
-
-def overlay(image: Any, cam: Any, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
-    """Blend a CAM, coloured with a matplotlib colormap, over an image.
-
-    out = (1 - alpha) * image + alpha * 255 * colormap(cam)[..., :3], rounded to uint8.
-
-    Args:
-        image: (H, W, 3) or (H, W) RGB/grey image with values 0..255 (uint8 or float).
-        cam: (h, w) map in [0, 1]; resized bilinearly to (H, W) if needed; values are clipped to [0, 1].
-        alpha: weight of the heat map, in [0, 1].
-        colormap: a matplotlib colormap name ("jet", "viridis", "inferno", ...).
-
-    Returns:
-        uint8 array (H, W, 3).
-
-    Raises:
-        CamError: for bad shapes, alpha outside [0, 1] or an unknown colormap.
-    """
-    import matplotlib
-
-    img = np.asarray(image, dtype=np.float64)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=-1)
-    if img.ndim != 3 or img.shape[-1] not in (1, 3):
-        raise CamError(f"image must be (H, W, 3) or (H, W); got shape {img.shape}")
-    if img.shape[-1] == 1:
-        img = np.repeat(img, 3, axis=-1)
-    heat = np.asarray(cam, dtype=np.float64)
-    if heat.ndim != 2:
-        raise CamError(f"cam must be one 2-D map (h, w); got shape {heat.shape}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise CamError(f"alpha must lie in [0, 1]; got {alpha!r}")
-    try:
-        cmap = matplotlib.colormaps[colormap]
-    except KeyError:
-        raise CamError(f"unknown colormap {colormap!r}; use a matplotlib name such as 'jet' or 'viridis'")
-    if heat.shape != img.shape[:2]:
-        heat = resize_bilinear(heat, img.shape[:2])
-    colour = cmap(np.clip(np.nan_to_num(heat), 0.0, 1.0))[..., :3] * 255.0
-    blended = (1.0 - alpha) * np.clip(img, 0.0, 255.0) + alpha * colour
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)

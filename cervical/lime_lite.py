@@ -28,6 +28,20 @@ Typical use with any Keras model or callable returning (N, K) probabilities::
     exp.top_features(5)                      # superpixel ids, strongest first
     rgb = exp.render(5, mode="pros_cons")    # green = for the class, red = against
 
+A check by hand (``python -m doctest lime_lite.py`` on this file alone): four horizontal bands as
+superpixels, and a "model" whose class-1 score is the visible share of band 0. Only band 0
+matters, so its weight is about 1 (ridge shrinks it a little) and the others about 0:
+
+>>> import numpy as np
+>>> image = np.ones((8, 8, 3))
+>>> bands = np.repeat(np.arange(4), 16).reshape(8, 8)
+>>> def predict(batch):
+...     p1 = batch[:, :2].mean(axis=(1, 2, 3))          # rows 0-1 are band 0
+...     return np.stack([1 - p1, p1], axis=1)
+>>> exp = explain(predict, image, class_index=1, segments=bands, hide_color=0.0, num_samples=200)
+>>> round(float(exp.weights[0]), 1), bool(np.abs(exp.weights[1:]).max() < 0.05)
+(1.0, True)
+
 This module imports nothing from the rest of ``cervical`` and never imports TensorFlow: a Keras
 model is recognised by its ``predict_on_batch`` method.
 """

@@ -22,6 +22,23 @@ Each contrastive function returns a float32 scalar tensor and can be differentia
 tf.GradientTape. ``make_loss(name, **kw)`` returns the matching ``keras.losses.Loss`` for
 ``model.compile(loss=...)``. Every Loss class is registered as serializable (package "cervical"),
 so a model compiled with one can be saved and loaded again.
+
+A check by hand (``python -m doctest losses.py`` on this file alone needs only TensorFlow): two
+perfectly separated pairs at temperature 1. For SupCon each anchor has one positive at cosine 1
+and two negatives at cosine 0 in its denominator, so L = -log(e / (e + 2)) = log(1 + 2/e); the
+study's N-pairs keeps the anchor itself as a second positive, L = log(2 + 2/e):
+
+>>> import numpy as np
+>>> labels = np.array([0, 0, 1, 1])
+>>> emb = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], np.float32)
+>>> round(float(supcon_loss(labels, emb, temperature=1.0, base_temperature=1.0)), 4)
+0.5514
+>>> round(float(np.log(1 + 2 / np.e)), 4)
+0.5514
+>>> round(float(npairs_loss(labels, emb, temperature=1.0)), 4), round(float(np.log(2 + 2 / np.e)), 4)
+(1.0064, 1.0064)
+
+This file imports nothing from the rest of ``cervical``.
 """
 
 from __future__ import annotations
