@@ -683,12 +683,14 @@ def _output_shape(layer: Any) -> Optional[Tuple[Any, ...]]:
 
 def _not_a_target(layer: Any) -> bool:
     """Layers that output a feature map but are no place to explain: pooling, dropout-like and
-    preprocessing layers, nested models as a whole (their own last layer is the feature map)."""
+    preprocessing layers (a frozen layer named "preprocess" included), nested models as a whole
+    (their own last layer is the feature map)."""
     keras = _keras()
     skip = (keras.Model, keras.layers.InputLayer, keras.layers.MaxPooling2D,
             keras.layers.AveragePooling2D, keras.layers.Dropout, keras.layers.SpatialDropout2D,
             keras.layers.GaussianNoise, keras.layers.GaussianDropout)
-    return isinstance(layer, skip) or "preprocessing" in type(layer).__module__
+    return (isinstance(layer, skip) or "preprocessing" in type(layer).__module__
+            or (layer.name == "preprocess" and not layer.trainable))
 
 
 def feature_map_layers(model: Any, suggest_only: bool = True) -> List[str]:

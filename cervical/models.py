@@ -9,8 +9,10 @@ Thesis section 3.1 and Table 6.1; what the study's code really built is in docs/
   is built on the preprocessed tensor with ``input_tensor=``), so ``model.get_layer(name)`` reaches
   any backbone layer, in particular the last feature map that the CAM code needs
   (``feature_layer_name``);
-* loads with plain ``keras.models.load_model(path)`` (safe mode) once ``cervical.models`` has been
-  imported, which registers ``Preprocess`` under the name "cervical>Preprocess".
+* is made of stock Keras layers only (the preprocessing too, see ``preprocess_layer``), so a saved
+  ``model.keras`` loads with plain ``keras.models.load_model(path)`` in safe mode, in a Python
+  that has TensorFlow but not this package. (``Preprocess``, registered as
+  "cervical>Preprocess", only serves run folders written by earlier versions.)
 
 Two variants (``variant=``):
 
@@ -66,7 +68,8 @@ __all__ = ["ModelError", "WeightsError", "BackboneSpec", "BACKBONES", "MODEL_NAM
            "Preprocess", "build_model", "build_encoder", "add_projection_head",
            "build_contrastive_classifier", "feature_layer_name", "check_input_size",
            "keras_cache_dir", "imagenet_weights_file", "resolve_weights", "study_layer_names",
-           "preprocess_mode", "predict_proba", "as_probabilities"]
+           "preprocess_mode", "preprocess_layer", "preprocessing_of", "predict_proba",
+           "as_probabilities"]
 
 VARIANTS = ("standard", "thesis")
 TINY_MIN_SIZE = 8            # a stride-2 conv and two 2x2 poolings leave at least a 1x1 map
@@ -139,7 +142,11 @@ _TORCH_STD = (0.229, 0.224, 0.225)
 
 @keras.saving.register_keras_serializable(package="cervical")
 class Preprocess(layers.Layer):
-    r"""Raw RGB 0..255 -> what the backbone expects, as a weightless, serialisable layer.
+    r"""Raw RGB 0..255 -> what the backbone expects: the definition of every preprocessing mode.
+
+    New models are built with ``preprocess_layer`` (stock Keras layers, so their files load
+    without this package); this class stays registered so that run folders written by earlier
+    versions of this package still load, and as the reference the tests compare against.
 
     Modes (x is the raw RGB pixel value, per channel c):
 
@@ -398,14 +405,98 @@ def _tiny_features(x):
     return x
 
 
+def preprocess_layer(mode: str, mean: Optional[Sequence[float]] = None,
+                     std: Optional[Sequence[float]] = None, name: str = "preprocess"
+                     ) -> layers.Layer:
+    """The input preprocessing of ``mode`` as one stock Keras layer (portable model files).
+
+    Every mode is built from layers Keras itself knows, so a saved ``model.keras`` loads with plain
+    ``keras.models.load_model(path)`` (safe mode) where this package is not installed:
+
+        "none"         Identity
+        "scale"        Normalization(mean 0, variance 255^2):            x / 255
+        "tf"           Normalization(mean 127.5, variance 127.5^2):      x / 127.5 - 1
+        "torch"        Normalization(mean 255 m_c, variance (255 s_c)^2): (x / 255 - m_c) / s_c
+        "standardize"  Normalization(mean, variance std^2)
+        "caffe"        a frozen 1x1 Conv2D whose kernel reverses the channels (RGB -> BGR) and
+                       whose bias subtracts the BGR ImageNet mean: x_bgr - mean_bgr, exactly
+                       (each output is one input times 1 plus zeros, then the bias)
+
+    The preprocessing layers and this frozen convolution are recognised as input preprocessing by
+    the XAI code (never a CAM suggestion, never randomised by the sanity check). The layer
+    computes in float32 whatever the mixed-precision policy.
+
+    Args:
+        mode: one of Preprocess.MODES.
+        mean, std: per-channel statistics, only for "standardize".
+        name: the layer's name.
+    """
+    import numpy as np
+
+    if mode not in Preprocess.MODES:
+        raise ModelError(f"preprocessing mode={mode!r}: choose one of {', '.join(Preprocess.MODES)}")
+    if mode == "none":
+        return layers.Identity(name=name, dtype="float32")
+    if mode == "caffe":
+        reverse = np.eye(3, dtype=np.float32)[::-1].reshape(1, 1, 3, 3)
+        return layers.Conv2D(3, 1, use_bias=True, trainable=False, name=name, dtype="float32",
+                             kernel_initializer=keras.initializers.Constant(reverse.tolist()),
+                             bias_initializer=keras.initializers.Constant(
+                                 [-v for v in _CAFFE_MEAN_BGR]))
+    if mode == "standardize":
+        if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+            raise ModelError("preprocessing mode='standardize': pass mean and std, 3 floats each")
+        centre, spread = [float(v) for v in mean], [float(v) for v in std]
+    else:
+        centre, spread = {"scale": ([0.0] * 3, [255.0] * 3),
+                          "tf": ([127.5] * 3, [127.5] * 3),
+                          "torch": ([255.0 * m for m in _TORCH_MEAN],
+                                    [255.0 * s for s in _TORCH_STD])}[mode]
+    return layers.Normalization(mean=centre, variance=[s * s for s in spread], name=name,
+                                dtype="float32")
+
+
+def preprocessing_of(model: keras.Model) -> str:
+    """The preprocessing mode of a model built here (read from its layer "preprocess").
+
+    Returns:
+        one of Preprocess.MODES.
+    Raises:
+        ModelError: the model has no layer "preprocess" of a known kind.
+    """
+    import numpy as np
+
+    try:
+        layer = model.get_layer("preprocess")
+    except ValueError:
+        raise ModelError(f"model {model.name!r}: no layer 'preprocess'; it was not built by "
+                         f"cervical.models") from None
+    if isinstance(layer, Preprocess):                      # run folders of earlier versions
+        return layer.mode
+    if isinstance(layer, layers.Identity):
+        return "none"
+    if isinstance(layer, layers.Conv2D):
+        return "caffe"
+    if isinstance(layer, layers.Normalization):
+        def stats(norm: layers.Layer):
+            config = norm.get_config()
+            return np.concatenate([np.ravel(config["mean"]), np.ravel(config["variance"])])
+
+        for mode in ("scale", "tf", "torch"):
+            if np.allclose(stats(layer), stats(preprocess_layer(mode)), rtol=1e-6):
+                return mode
+        return "standardize"
+    raise ModelError(f"model {model.name!r}: layer 'preprocess' is a {type(layer).__name__}, "
+                     f"not one this package builds")
+
+
 def _inputs_and_preprocessing(name: str, input_shape, variant: str,
                               normalization: Optional[Tuple[Sequence[float], Sequence[float]]]):
     inputs = keras.Input(shape=input_shape, name="image")
     if normalization is not None:
-        pre = Preprocess("standardize", mean=normalization[0], std=normalization[1],
-                         name="preprocess")
+        pre = preprocess_layer("standardize", mean=normalization[0], std=normalization[1])
     else:
-        pre = Preprocess(preprocess_mode(name, variant), name="preprocess")
+        pre = preprocess_layer(preprocess_mode(name, variant))
     return inputs, pre, pre(inputs)
 
 

@@ -25,8 +25,8 @@ Run folder: config.json, model.keras, history.csv, contrastive_history.csv,
 class_weights.json, cost_matrix.json, summary.json, train.log, loss/accuracy PNGs, checkpoints/
 (one per epoch, for ``resume``), tensorboard/ (``tensorboard=True``).
 
-``model.keras`` loads with ``keras.models.load_model(path)`` after ``import cervical.models`` (which
-registers the in-model preprocessing layer); it holds no optimizer and no compiled loss.
+``model.keras`` loads with plain ``keras.models.load_model(path)`` (safe mode), also where this
+package is not installed (only stock Keras layers); it holds no optimizer and no compiled loss.
 
 Reproducibility: the seed fixes the initial weights (``keras.utils.set_random_seed``), the order of
 every epoch (a stateless permutation keyed on (seed, epoch)) and every augmentation (stateless ops

@@ -528,11 +528,18 @@ def _is_float(variable: Any) -> bool:
     return "float" in str(name)
 
 
+def _is_input_preprocessing(layer: Any) -> bool:
+    """Keras preprocessing layers (Normalization, Rescaling, ...) and a frozen layer named
+    "preprocess" (cervical.models' channel-reversing 1x1 convolution): fixed input transforms."""
+    return ("preprocessing" in type(layer).__module__
+            or (layer.name == "preprocess" and not layer.trainable))
+
+
 def weighted_layers(model: Any) -> List[Tuple[str, Any]]:
     """Layers that hold floating-point weights, in forward order, nested models expanded in place.
 
-    Preprocessing layers (``Normalization`` and the like: statistics of the data, not learned
-    parameters) are left out. Each layer appears once even when shared.
+    Input preprocessing (``Normalization`` and the like, and a frozen layer named "preprocess":
+    fixed transforms of the data, not learned parameters) is left out. Each layer appears once even when shared.
 
     Args:
         model: a Keras model (functional, Sequential or with nested models).
@@ -550,7 +557,7 @@ def weighted_layers(model: Any) -> List[Tuple[str, Any]]:
             if isinstance(layer, keras.Model):
                 walk(layer, f"{prefix}{layer.name}/")
                 continue
-            if id(layer) in seen or "preprocessing" in type(layer).__module__:
+            if id(layer) in seen or _is_input_preprocessing(layer):
                 continue
             if any(_is_float(v) for v in layer.weights):
                 seen.add(id(layer))

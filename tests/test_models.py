@@ -86,8 +86,8 @@ def test_preprocessing_is_inside_the_model_tiny():
     x = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(std(x)), np.asarray(raw(x / 255.0)), rtol=1e-5,
                                atol=1e-6)
-    assert std.get_layer("preprocess").mode == "scale"
-    assert raw.get_layer("preprocess").mode == "none"
+    assert models.preprocessing_of(std) == "scale"
+    assert models.preprocessing_of(raw) == "none"
 
 
 @pytest.mark.slow
@@ -121,13 +121,13 @@ def test_backbone_variants_taps_and_freeze_points(name):
     assert study[n_freeze] == first_trainable
     for i, lname in enumerate(study[1:], start=1):
         assert std.get_layer(lname).trainable == (i >= n_freeze), (name, i, lname)
-    assert std.get_layer("preprocess").mode == spec.preprocess
+    assert models.preprocessing_of(std) == spec.preprocess
     feature = models.feature_layer_name(std)
     assert feature == spec.feature_layer == models.feature_layer_name(name)
     assert len(std.get_layer(feature).output.shape) == 4
 
     thesis = models.build_model(name, 5, (32, 32, 3), weights=None, variant="thesis", freeze=True)
-    assert thesis.get_layer("preprocess").mode == "none"
+    assert models.preprocessing_of(thesis) == "none"
     assert models.feature_layer_name(thesis) == tap == models.feature_layer_name(name, "thesis")
     # The head's pooling reads the tapped layer's output.
     pool = thesis.get_layer("head_pool")
@@ -208,7 +208,7 @@ def test_encoder_projection_and_contrastive_classifier():
                                normalization=([100.0, 110.0, 120.0], [50.0, 40.0, 30.0]))
     assert enc.output.shape[-1] == 128
     pre = enc.get_layer("preprocess")
-    assert pre.mode == "standardize"
+    assert models.preprocessing_of(enc) == "standardize"
     x = np.full((1, 32, 32, 3), 150.0, np.float32)
     np.testing.assert_allclose(np.asarray(pre(x))[0, 0, 0], [1.0, 1.0, 1.0], rtol=1e-6)
     proj = models.add_projection_head(enc, 16, activation="relu")
@@ -302,24 +302,53 @@ def test_weights_file_round_trip(tmp_path):
 # Saving and loading
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_saved_model_loads_in_a_fresh_process(tmp_path):
-    m = models.build_model("tiny", 3, (32, 32, 3), weights=None)
-    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
-    path = tmp_path / "model.keras"
-    m.save(path)
+PORTABLE_LOAD = """
+import sys, numpy as np, keras
+sys.modules["cervical"] = None            # this Python has TensorFlow but not the package
+m = keras.models.load_model(sys.argv[1], safe_mode=True)
+p = m.predict(np.load(sys.argv[2]), verbose=0)
+np.testing.assert_allclose(p, np.load(sys.argv[3]), rtol=1e-5, atol=1e-6)
+print("loaded", type(m.get_layer("preprocess")).__name__)
+"""
+
+
+def assert_portable(path, x, expected, tmp_path):
+    """``path`` loads with plain keras.models.load_model(safe_mode=True) in a fresh Python that
+    cannot import cervical, and predicts ``expected`` on ``x``; its config names only Keras
+    objects. Returns the preprocessing layer's class name."""
     np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "p.npy", m.predict(x, verbose=0))
-    code = ("import sys, numpy as np, keras; import cervical.models as cm; "
-            "m = keras.models.load_model(sys.argv[1]); "
-            "p = m.predict(np.load(sys.argv[2]), verbose=0); "
-            "np.testing.assert_allclose(p, np.load(sys.argv[3]), rtol=1e-5, atol=1e-6); "
-            "print(cm.feature_layer_name(m), m.get_layer('preprocess').mode)")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"),
-                          str(tmp_path / "p.npy")], capture_output=True, text=True, env=env,
-                         timeout=300)
+    np.save(tmp_path / "p.npy", expected)
+    (tmp_path / "load.py").write_text(PORTABLE_LOAD)
+    env = {"PATH": os.environ.get("PATH", ""), "TF_CPP_MIN_LOG_LEVEL": "3", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "load.py", str(path), "x.npy", "p.npy"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-2:] == ["features", "scale"]
-    cfg = json.loads(__import__("zipfile").ZipFile(path).read("config.json"))
-    assert "cervical>Preprocess" in json.dumps(cfg)
+    cfg = json.dumps(json.loads(__import__("zipfile").ZipFile(path).read("config.json")))
+    assert "cervical" not in cfg
+    return out.stdout.split()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,variant,layer", [("tiny", "standard", "Normalization"),
+                                                ("tiny", "thesis", "Identity"),
+                                                ("vgg16", "standard", "Conv2D")])
+def test_saved_model_loads_without_the_package(name, variant, layer, tmp_path):
+    m = models.build_model(name, 3, (32, 32, 3), weights=None, variant=variant)
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    m.save(tmp_path / "model.keras")
+    assert assert_portable(tmp_path / "model.keras", x, m.predict(x, verbose=0), tmp_path) == layer
+
+
+def test_preprocess_layers_compute_each_mode():
+    """The stock-layer preprocessing equals the reference definitions (class Preprocess): exactly
+    for none, scale, caffe and standardize; to float32 rounding for tf and torch."""
+    x = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3)).astype(np.float32)
+    for mode in ("none", "scale", "caffe", "tf", "torch"):
+        got = np.asarray(models.preprocess_layer(mode)(x))
+        ref = np.asarray(models.Preprocess(mode)(x))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=0 if mode in ("none", "scale", "caffe")
+                                   else 5e-7 * 255)
+    got = np.asarray(models.preprocess_layer("standardize", [5, 10, 20], [5, 2, 3])(x))
+    np.testing.assert_allclose(got, (x - [5, 10, 20]) / np.float32([5, 2, 3]), rtol=1e-6)
+    with pytest.raises(models.ModelError, match="standardize"):
+        models.preprocess_layer("standardize")

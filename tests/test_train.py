@@ -264,6 +264,18 @@ def test_saved_model_holds_precise_batchnorm_statistics(finetune_run, tiny_prepa
         np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_run_model_file_is_portable(finetune_run, tiny_prepared, tmp_path):
+    """A run's model.keras loads with plain Keras (safe mode) where cervical is not installed."""
+    from test_models import assert_portable
+
+    run, _ = finetune_run
+    model = keras.models.load_model(run / "model.keras", safe_mode=True)
+    x = data.load_split(tiny_prepared, "test").x[:4].astype(np.float32)
+    assert assert_portable(run / "model.keras", x, model.predict(x, verbose=0), tmp_path) == \
+        "Normalization"
+
+
 def test_same_seed_same_history(finetune_run, tiny_prepared, tmp_path):
     run, _ = finetune_run
     train.train(_config(tiny_prepared, tmp_path / "again", epochs=3, online_augment=True))
@@ -418,7 +430,7 @@ def test_contrastive_regime(tiny_prepared, tmp_path):
     assert cfg["loss"] == "npairs" and cfg["lr"] == 1e-4 and cfg["weights"] == "none"
     assert len(cfg["normalization"][0]) == 3                      # the study's adapted stats
     model = keras.models.load_model(run / "model.keras")
-    assert model.get_layer("preprocess").mode == "standardize"
+    assert models.preprocessing_of(model) == "standardize"
     assert not model.get_layer("conv1").trainable                  # phase 2: encoder frozen
     assert model.get_layer("dense_512").trainable
     assert summary["contrastive_epochs_run"] == 2
