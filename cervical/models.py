@@ -414,7 +414,7 @@ def preprocess_layer(mode: str, mean: Optional[Sequence[float]] = None,
     ``keras.models.load_model(path)`` (safe mode) where this package is not installed:
 
         "none"         Identity
-        "scale"        Normalization(mean 0, variance 255^2):            x / 255
+        "scale"        Rescaling(1 / 255):                               x * (1 / 255)
         "tf"           Normalization(mean 127.5, variance 127.5^2):      x / 127.5 - 1
         "torch"        Normalization(mean 255 m_c, variance (255 s_c)^2): (x / 255 - m_c) / s_c
         "standardize"  Normalization(mean, variance std^2)
@@ -437,6 +437,8 @@ def preprocess_layer(mode: str, mean: Optional[Sequence[float]] = None,
         raise ModelError(f"preprocessing mode={mode!r}: choose one of {', '.join(Preprocess.MODES)}")
     if mode == "none":
         return layers.Identity(name=name, dtype="float32")
+    if mode == "scale":
+        return layers.Rescaling(1.0 / 255.0, name=name, dtype="float32")
     if mode == "caffe":
         reverse = np.eye(3, dtype=np.float32)[::-1].reshape(1, 1, 3, 3)
         return layers.Conv2D(3, 1, use_bias=True, trainable=False, name=name, dtype="float32",
@@ -448,8 +450,7 @@ def preprocess_layer(mode: str, mean: Optional[Sequence[float]] = None,
             raise ModelError("preprocessing mode='standardize': pass mean and std, 3 floats each")
         centre, spread = [float(v) for v in mean], [float(v) for v in std]
     else:
-        centre, spread = {"scale": ([0.0] * 3, [255.0] * 3),
-                          "tf": ([127.5] * 3, [127.5] * 3),
+        centre, spread = {"tf": ([127.5] * 3, [127.5] * 3),
                           "torch": ([255.0 * m for m in _TORCH_MEAN],
                                     [255.0 * s for s in _TORCH_STD])}[mode]
     return layers.Normalization(mean=centre, variance=[s * s for s in spread], name=name,
@@ -475,6 +476,8 @@ def preprocessing_of(model: keras.Model) -> str:
         return layer.mode
     if isinstance(layer, layers.Identity):
         return "none"
+    if isinstance(layer, layers.Rescaling):
+        return "scale"
     if isinstance(layer, layers.Conv2D):
         return "caffe"
     if isinstance(layer, layers.Normalization):
@@ -482,7 +485,7 @@ def preprocessing_of(model: keras.Model) -> str:
             config = norm.get_config()
             return np.concatenate([np.ravel(config["mean"]), np.ravel(config["variance"])])
 
-        for mode in ("scale", "tf", "torch"):
+        for mode in ("tf", "torch"):
             if np.allclose(stats(layer), stats(preprocess_layer(mode)), rtol=1e-6):
                 return mode
         return "standardize"

@@ -273,7 +273,7 @@ def test_run_model_file_is_portable(finetune_run, tiny_prepared, tmp_path):
     model = keras.models.load_model(run / "model.keras", safe_mode=True)
     x = data.load_split(tiny_prepared, "test").x[:4].astype(np.float32)
     assert assert_portable(run / "model.keras", x, model.predict(x, verbose=0), tmp_path) == \
-        "Normalization"
+        "Rescaling"
 
 
 def test_same_seed_same_history(finetune_run, tiny_prepared, tmp_path):
