@@ -67,3 +67,38 @@ def tiny_prepared(tmp_path_factory):
                         info={"dataset": "toy", "task": "toy3", "split": "grouped", "seed": 0,
                               "fingerprint": "toy"})
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Suite-level guard: with TensorFlow installed (a dependency), no test file may be skipped wholesale
+# ------------------------------------------------------------------------------------------------
+_OUTCOMES: dict = {}
+_SKIPPED_FILES: list = []
+
+
+def pytest_collectreport(report):
+    """A test file skipped at import (a module-level skip or importorskip)."""
+    if report.skipped and report.nodeid.endswith(".py"):
+        _SKIPPED_FILES.append(report.nodeid)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        path = report.nodeid.split("::")[0]
+        _OUTCOMES.setdefault(path, set()).add(report.outcome)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when a test file ran nothing but skips (or was skipped at import) although
+    TensorFlow is installed: a silent skip of a module that always exists hides failures."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        return
+    filtered = session.config.option.keyword or session.config.option.markexpr
+    wholesale = sorted(set(_SKIPPED_FILES) | {f for f, o in _OUTCOMES.items() if o == {"skipped"}})
+    if wholesale and not filtered:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"ERROR: test files skipped wholesale with TensorFlow installed: {', '.join(wholesale)}",
+            red=True)
+        session.exitstatus = 1

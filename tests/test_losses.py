@@ -13,8 +13,8 @@ import math
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
+import keras  # noqa: E402 - dependencies: their absence must fail, not skip
+import tensorflow as tf  # noqa: E402
 
 from cervical import losses  # noqa: E402
 

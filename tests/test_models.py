@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+import keras  # noqa: E402 - a dependency: its absence must fail, not skip
 
 from cervical import models  # noqa: E402
 

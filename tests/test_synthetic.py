@@ -222,8 +222,6 @@ def test_stems_reproduce_exact_file_names(tmp_path):
 def test_stems_of_the_study_split_give_the_real_sipakmed_structure():
     """The shipped study split lists every SIPaKMeD cell: 4049 stems in 966 cluster images."""
     csv_path = Path(__file__).resolve().parents[1] / "data" / "splits" / "thesis_split.csv"
-    if not csv_path.is_file():
-        pytest.skip("data/splits/thesis_split.csv not present")
     layout = S.plan_layout(stems=S.stems_from_csv(csv_path))
     assert {c: len(v) for c, v in layout.items()} == dict(S.FULL_COUNTS)
     assert {c: len({nnn for nnn, _ in v}) for c, v in layout.items()} == dict(S.FULL_CLUSTERS)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
+import keras  # noqa: E402 - dependencies: their absence must fail, not skip
+import tensorflow as tf  # noqa: E402
 
 from conftest import make_blob_cells  # noqa: E402
 
@@ -480,10 +480,6 @@ def test_tiny_learns_the_synthetic_default(tmp_path_factory):
     the study's schedule (LR x0.2 after two epochs without val_loss improvement). Measured: 0.896
     at epochs 7-8, LR cut after epoch 10, 0.948 at epoch 12; about 9 s per epoch on 2 cores.
     96 validation cells: one cell is about 1 point."""
-    import importlib.util
-
-    if not hasattr(data, "prepare") or importlib.util.find_spec("cervical.synthetic") is None:
-        pytest.skip("cervical.data.prepare / cervical.synthetic not available")
     root = tmp_path_factory.mktemp("synthetic_default")
     data.prepare(dataset="synthetic", out=root / "prepared", save_images=False)
     summary = train.train(train.TrainConfig(data=str(root / "prepared"), out=str(root / "run"),
