@@ -469,15 +469,10 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
         cervical.data.DataError: the dataset named by the run (or ``data_dir``) cannot be read.
     """
     methods = parse_methods(methods)
-    for name, value, low in (("--per-class", per_class, 1), ("--n-eval", n_eval, 1),
-                             ("--lime-samples", lime_samples, 2), ("lime_features", lime_features, 1),
-                             ("max_n", max_n, 1), ("--n-sanity", n_sanity, 0)):
-        _check_int(name, value, low)
-    if images and evaluate:
-        raise ExplainError("--evaluate: needs a labelled split, not --images; run them separately")
-    for p in images or []:
-        if not Path(p).is_file():  # fail before the (slow) model load
-            raise ExplainError(f"--images {p}: no such file")
+    _check_args(images, evaluate, {"--per-class": (per_class, 1), "--n-eval": (n_eval, 1),
+                                   "--lime-samples": (lime_samples, 2),
+                                   "lime_features": (lime_features, 1), "max_n": (max_n, 1),
+                                   "--n-sanity": (n_sanity, 0)})
     model, config = load_run(run_dir)
     cam_layer = choose_cam_layer(model, layer, config) if set(methods) - {"lime"} else None
     target = (_image_target(model, config, run_dir, images, out_dir, data_dir) if images else
@@ -502,10 +497,16 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
             "metrics": metrics}
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ExplainError(f"{name} {value!r}: must be an integer >= {minimum}")
-    return int(value)
+def _check_args(images, evaluate: bool, numbers: Dict[str, Tuple[Any, int]]) -> None:
+    """Every argument check that needs no model (so bad input fails before the slow load)."""
+    for name, (value, minimum) in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ExplainError(f"{name} {value!r}: must be an integer >= {minimum}")
+    if images and evaluate:
+        raise ExplainError("--evaluate: needs a labelled split, not --images; run them separately")
+    for p in images or []:
+        if not Path(p).is_file():
+            raise ExplainError(f"--images {p}: no such file")
 
 
 def _prefixed(progress: Progress, prefix: str) -> Progress:
