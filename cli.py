@@ -139,17 +139,22 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (default: 1e-3 finetune/cost-sensitive, 1e-4 "
                         "contrastive/baseline)")
-    p.add_argument("--patience", type=_int_at_least(0), default=3,
-                   help="early-stopping patience on --monitor, 0 = off (default: %(default)s)")
+    p.add_argument("--patience", type=_int_at_least(0), default=None,
+                   help="early-stopping patience on --monitor, 0 = off (default: 3; 0 for the two "
+                        "study runs without early stopping under --variant thesis)")
     p.add_argument("--lr-patience", type=_int_at_least(0), default=2,
                    help="epochs without improvement before the LR is reduced, 0 = off "
                         "(default: %(default)s)")
     p.add_argument("--lr-factor", type=float, default=0.2, help="LR reduction factor "
                    "(default: %(default)s)")
     p.add_argument("--min-lr", type=float, default=1e-5, help="LR floor (default: %(default)s)")
-    p.add_argument("--monitor", choices=["val_loss", "val_accuracy"], default="val_loss",
-                   help="validation quantity for early stopping, LR schedule and best-epoch "
-                        "selection (default: %(default)s)")
+    p.add_argument("--monitor", choices=["val_loss", "val_accuracy", "loss"], default=None,
+                   help="quantity for early stopping, LR schedule and best-epoch selection "
+                        "(default: val_loss; the training loss under --variant thesis for the "
+                        "contrastive and baseline regimes, as the study)")
+    p.add_argument("--keep", choices=["best", "last"], default=None,
+                   help="weights saved at the end: the best epoch on --monitor or the last one "
+                        "(default: best; last under --variant thesis, as the study)")
     p.add_argument("--class-weights", default=None, metavar="train|thesis|none|FILE.json",
                    help="cost-sensitive: train-label balanced weights (default), the study's "
                         "constants, none, or a JSON {class: weight}")
@@ -160,7 +165,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="start from RUN/model.keras (e.g. cost-sensitive after finetune, as the "
                         "study did)")
     p.add_argument("--loss", choices=["npairs", "supcon", "triplet"], default=None,
-                   help="contrastive loss (default: supcon; npairs is the study's)")
+                   help="contrastive loss (default: supcon; npairs, the study's, under "
+                        "--variant thesis)")
     p.add_argument("--temperature", type=float, default=0.05,
                    help="contrastive temperature (default: %(default)s)")
     p.add_argument("--margin", type=float, default=0.2, help="triplet margin (default: %(default)s)")
@@ -172,8 +178,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="phase-1 learning rate (default: %(default)s)")
     p.add_argument("--projection-dim", type=_int_at_least(1), default=128,
                    help="projection head width (default: %(default)s)")
-    p.add_argument("--online-augment", action="store_true",
-                   help="random flips, transposes, crops and brightness/contrast per batch")
+    p.add_argument("--online-augment", nargs="?", const="light", default=None,
+                   choices=["none", "light", "study"],
+                   help="augmentation of every training batch: light (flips, transposes, crops, "
+                        "brightness/contrast; the flag alone), study (the study's in-model flip, "
+                        "rotation 0.02, width/height 0.2) or none (default: none; study for the "
+                        "thesis variant of the contrastive and baseline regimes)")
+    p.add_argument("--contrastive-views", type=int, choices=[1, 2], default=None,
+                   help="augmented views per image in contrastive phase 1 (default: 2; 1 under "
+                        "--variant thesis, as the study)")
     p.add_argument("--precise-bn", type=_int_at_least(0), default=None, metavar="N",
                    help="re-estimate BatchNorm statistics on N training images before every "
                         "validation, 0 = Keras' moving averages (default: 1024; 0 with "

@@ -169,8 +169,9 @@ class Control(keras.callbacks.Callback):
       best epoch   = the first epoch with the best v (its weights are restored at the end).
 
     Args:
-        monitor: logged quantity to watch ("val_loss", "val_accuracy"), or None (no selection,
-            no early stopping, no schedule: the NaN guard only).
+        monitor: logged quantity to watch ("val_loss", "val_accuracy", or the training "loss" as
+            the study's contrastive notebooks did), or None (no selection, no early stopping, no
+            schedule: the NaN guard only).
         patience, lr_patience, lr_factor, min_lr: as the Keras callbacks.
     """
 
@@ -333,8 +334,11 @@ class Phase:
         epochs: maximum epochs.
         columns: history columns ("epoch" first).
         history_path: the CSV rewritten after every epoch.
-        val_ds: validation batches (None: no validation; then no selection either).
-        monitor, patience, lr_patience, lr_factor, min_lr: see Control.
+        val_ds: validation batches (None: no validation).
+        monitor, patience, lr_patience, lr_factor, min_lr: see Control (a validation monitor
+            needs ``val_ds``).
+        keep: "best" restores the best epoch on ``monitor`` at the end; "last" keeps the final
+            epoch's weights (what the study's notebooks saved).
         callbacks: extra callbacks, after Control and Checkpoint (PreciseBatchNorm goes first).
         verbose: Keras fit verbosity.
         tensorboard: also write TensorBoard logs to RUN/tensorboard/<name>.
@@ -349,6 +353,7 @@ class Phase:
     history_path: Path
     val_ds: object = None
     monitor: Optional[str] = None
+    keep: str = "best"
     patience: int = 0
     lr_patience: int = 0
     lr_factor: float = 0.2
@@ -362,8 +367,9 @@ class Phase:
 @dataclasses.dataclass
 class PhaseResult:
     rows: List[dict]
-    best_epoch: Optional[int]       # 1-based
+    best_epoch: Optional[int]       # 1-based, on the monitor
     epochs_run: int
+    kept_epoch: Optional[int] = None   # 1-based: whose weights the phase ends with
 
     @property
     def epoch_seconds(self) -> Optional[float]:
@@ -375,8 +381,8 @@ class PhaseResult:
 def run_phase(model, phase: Phase, log: RunLog) -> PhaseResult:
     """Fit ``model`` (compiled) for one phase, resuming from RUN/checkpoints/<phase> when present.
 
-    Without validation (contrastive phase 1) the last epoch is kept; otherwise the best epoch on
-    ``monitor`` is restored at the end.
+    Without a monitor (contrastive phase 1) or with ``keep="last"`` the last epoch is kept;
+    otherwise the best epoch on ``monitor`` is restored at the end.
 
     Raises:
         TrainError: the loss became NaN/inf (the last good checkpoint is kept for --resume), or a
@@ -384,12 +390,14 @@ def run_phase(model, phase: Phase, log: RunLog) -> PhaseResult:
     """
     folder = phase.run / "checkpoints" / phase.name
     folder.mkdir(parents=True, exist_ok=True)
-    monitor = phase.monitor if phase.val_ds is not None else None
+    monitor = phase.monitor
+    if monitor and monitor.startswith("val_") and phase.val_ds is None:
+        raise TrainError(f"{phase.name}: --monitor {monitor} needs validation data; monitor loss")
     control = Control(monitor, phase.patience if monitor else 0,
                       phase.lr_patience if monitor else 0, phase.lr_factor, phase.min_lr)
     rows, start, stopped, finished = _restore(folder, model, control, log, phase.name)
     if finished:
-        return _result(rows, control, start)
+        return _result(rows, control, start, phase.keep)
     if start < phase.epochs and not stopped:
         callbacks = ([phase.precise_bn] if phase.precise_bn else []) + [
             control, Checkpoint(folder, control, rows, phase.columns, phase.history_path, log,
@@ -397,13 +405,13 @@ def run_phase(model, phase: Phase, log: RunLog) -> PhaseResult:
         if phase.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(
                 log_dir=str(phase.run / "tensorboard" / phase.name)))
-        model.fit(phase.dataset_fn(start, phase.epochs), validation_data=phase.val_ds if monitor
-                  else None, epochs=phase.epochs, initial_epoch=start, steps_per_epoch=phase.steps,
+        model.fit(phase.dataset_fn(start, phase.epochs), validation_data=phase.val_ds,
+                  epochs=phase.epochs, initial_epoch=start, steps_per_epoch=phase.steps,
                   callbacks=callbacks + list(phase.callbacks), verbose=phase.verbose, shuffle=False)
     if control.nan is not None:
         _stop_on_nan(model, control, rows, folder, phase.name)
-    _finish(folder, model, control, rows, monitor, phase.name)
-    return _result(rows, control, len(rows))
+    _finish(folder, model, control, rows, monitor if phase.keep == "best" else None, phase.name)
+    return _result(rows, control, len(rows), phase.keep)
 
 
 def _restore(folder: Path, model, control: Control, log: RunLog, name: str):
@@ -445,6 +453,8 @@ def _finish(folder: Path, model, control: Control, rows: List[dict], monitor: Op
         old.unlink()
 
 
-def _result(rows: List[dict], control: Control, epochs_run: int) -> PhaseResult:
+def _result(rows: List[dict], control: Control, epochs_run: int, keep: str = "best"
+            ) -> PhaseResult:
     best = control.state["best_epoch"]
-    return PhaseResult(rows, None if best is None else best + 1, epochs_run)
+    return PhaseResult(rows, None if best is None else best + 1, epochs_run,
+                       kept_epoch=epochs_run if keep == "last" or best is None else best + 1)

@@ -45,7 +45,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -61,7 +61,15 @@ __all__ = ["TrainError", "TrainConfig", "REGIMES", "CONTRASTIVE_LOSS_NAMES", "ST
 REGIMES = ("finetune", "cost-sensitive", "contrastive", "baseline")
 CONTRASTIVE_LOSS_NAMES = ("npairs", "supcon", "triplet")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
-MONITORS = ("val_loss", "val_accuracy")
+MONITORS = ("val_loss", "val_accuracy", "loss")
+KEEP = ("best", "last")
+AUGMENTATIONS = ("none", "light", "study")
+
+#: The study's runs that departed from its common callbacks (docs/study.md §3, read from the saved
+#: training logs): VGG19 fine-tuning and ResNet50 cost-sensitive training ran all 50 epochs with
+#: no early stopping (the LR schedule stayed). The thesis variant repeats that unless --patience
+#: is given.
+THESIS_NO_EARLY_STOPPING = {("vgg19", "finetune"), ("resnet50", "cost-sensitive")}
 TRIPLET_MINING = losses.TRIPLET_MINING
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
 CONTRASTIVE_COLUMNS = ("epoch", "loss")
@@ -72,7 +80,8 @@ _RUN_FIELDS = ("data", "model", "regime", "variant", "weights", "freeze", "epoch
                "lr", "patience", "lr_patience", "lr_factor", "min_lr", "monitor", "class_weights",
                "cost_matrix", "init", "loss", "temperature", "margin", "mining",
                "contrastive_epochs", "contrastive_lr", "projection_dim", "online_augment",
-               "precise_bn", "seed", "deterministic", "mixed_precision")
+               "contrastive_views", "keep", "precise_bn", "seed", "deterministic",
+               "mixed_precision")
 
 
 @dataclasses.dataclass
@@ -91,19 +100,31 @@ class TrainConfig:
         batch_size: images per replica per step (global batch = batch_size x replicas).
         lr: classifier learning rate; None = 1e-3 (finetune, cost-sensitive) or 1e-4 (contrastive,
             baseline), the study's values.
-        patience: early stopping patience on ``monitor`` (0 disables).
+        patience: early stopping patience on ``monitor`` (0 disables); None = 3, or 0 for the two
+            study runs that ran without early stopping (``THESIS_NO_EARLY_STOPPING``, thesis
+            variant only).
         lr_patience, lr_factor, min_lr: LR-on-plateau schedule on ``monitor`` (lr_patience 0 disables).
-        monitor: validation quantity for early stopping, LR schedule and best-epoch selection.
+        monitor: quantity for early stopping, LR schedule and best-epoch selection: "val_loss",
+            "val_accuracy" or the training "loss"; None = "val_loss", or "loss" for the thesis
+            variant of the contrastive and baseline regimes (the study never used validation there).
+        keep: "best" restores the best epoch on ``monitor``; "last" keeps the final epoch (the
+            study's notebooks); None = "best", or "last" for the thesis variant.
         class_weights: cost-sensitive only: "train" (default), "thesis", "none" or a JSON file
             {class id or name: weight}.
         cost_matrix: cost-sensitive only: a (K, K) JSON or CSV file (rows true, columns predicted).
         init: a run folder whose model.keras initialises the classifier (finetune, cost-sensitive).
-        loss: contrastive loss (default "supcon"; "npairs" is the study's).
+        loss: contrastive loss (default "supcon"; "npairs", the study's, with --variant thesis).
         temperature: contrastive temperature (npairs, supcon).
         margin, mining: triplet loss settings.
         contrastive_epochs, contrastive_lr: phase-1 epochs and learning rate (study: 50, 1e-4).
         projection_dim: projection head width (study: 128).
-        online_augment: random flips/transposes, crops and brightness/contrast per batch.
+        online_augment: augmentation of every training batch: "none", "light" (ours: flips,
+            transposes, crops, brightness/contrast; True means this) or "study" (the study's
+            in-model block, ``study_augment``); None = "study" for the thesis variant of the
+            contrastive and baseline regimes, else "none".
+        contrastive_views: augmented views per image in contrastive phase 1: 2 (Khosla et al.)
+            or 1 (the study: one pass of each image through its augmentation); None = 2, or 1
+            for the thesis variant.
         precise_bn: training images over which BatchNorm statistics are re-estimated with the
             current weights before every validation (``PreciseBatchNorm``); 0 keeps Keras' moving
             averages (the study's behaviour). None = 1024, or 0 with ``variant="thesis"``.
@@ -127,11 +148,12 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 32
     lr: Optional[float] = None
-    patience: int = 3
+    patience: Optional[int] = None
     lr_patience: int = 2
     lr_factor: float = 0.2
     min_lr: float = 1e-5
-    monitor: str = "val_loss"
+    monitor: Optional[str] = None
+    keep: Optional[str] = None
     class_weights: Optional[str] = None
     cost_matrix: Optional[str] = None
     init: Optional[str] = None
@@ -142,7 +164,8 @@ class TrainConfig:
     contrastive_epochs: int = 50
     contrastive_lr: float = 1e-4
     projection_dim: int = 128
-    online_augment: bool = False
+    online_augment: Union[bool, str, None] = None
+    contrastive_views: Optional[int] = None
     precise_bn: Optional[int] = None
     seed: int = 42
     deterministic: bool = True
@@ -201,7 +224,11 @@ def _check_choices(c: TrainConfig) -> None:
                          f"{', '.join(models.MODEL_NAMES)}")
     for flag, value, allowed in (("variant", c.variant, models.VARIANTS),
                                  ("freeze", c.freeze, ("auto", "study", "none")),
-                                 ("monitor", c.monitor, MONITORS),
+                                 ("monitor", c.monitor, MONITORS + (None,)),
+                                 ("keep", c.keep, KEEP + (None,)),
+                                 ("online-augment", c.online_augment,
+                                  AUGMENTATIONS + (None, True, False)),
+                                 ("contrastive-views", c.contrastive_views, (None, 1, 2)),
                                  ("strategy", c.strategy, STRATEGIES),
                                  ("mining", c.mining, TRIPLET_MINING)):
         if value not in allowed:
@@ -217,8 +244,10 @@ def _check_choices(c: TrainConfig) -> None:
 def _check_numbers(c: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "contrastive_epochs", "projection_dim"):
         setattr(c, name, _check_number(name.replace("_", "-"), getattr(c, name), 1, integer=True))
-    for name in ("patience", "lr_patience", "seed"):
+    for name in ("lr_patience", "seed"):
         setattr(c, name, _check_number(name.replace("_", "-"), getattr(c, name), 0, integer=True))
+    if c.patience is not None:
+        c.patience = _check_number("patience", c.patience, 0, integer=True)
     c.lr_factor = _check_number("lr-factor", c.lr_factor, 0.0, allow_low=False)
     if c.lr_factor >= 1:
         raise TrainError(f"--lr-factor {c.lr_factor}: must be < 1 (the study used 0.2)")
@@ -237,7 +266,7 @@ def _check_numbers(c: TrainConfig) -> None:
 def _regime_defaults(c: TrainConfig) -> None:
     """The loss, class-weight and --init rules of each regime."""
     if c.regime == "contrastive":
-        c.loss = c.loss or "supcon"
+        c.loss = c.loss or ("npairs" if c.variant == "thesis" else "supcon")
         if c.loss not in CONTRASTIVE_LOSS_NAMES:
             raise TrainError(f"--loss {c.loss!r}: unknown; choose one of "
                              f"{', '.join(CONTRASTIVE_LOSS_NAMES)}")
@@ -428,6 +457,56 @@ def augment_images(x, seed, strength: str = "light"):
     return tf.clip_by_value((x - mean) * contrast + mean + bright, 0.0, 255.0)
 
 
+def study_augment(x, seed):
+    """The study's in-model augmentation block, per batch, stateless (docs/study.md §4).
+
+    Its contrastive encoders began with ``Normalization`` (adapted on the training images), then
+    ``RandomFlip("horizontal")``, ``RandomRotation(0.02)``, ``RandomWidth(0.2)`` and
+    ``RandomHeight(0.2)`` (Keras 2.12). Keras 3 has no RandomWidth/RandomHeight layers, and a
+    custom layer would keep model files from loading without this package, so the same transforms
+    run here, on the raw pixels of each training batch, with the Normalization still inside the
+    model. That is the same computation: the normalisation is a per-channel affine map, and a
+    flip, a bilinear rotation with reflected borders and a bilinear resize all commute with it.
+
+        flip      each image mirrored left-right with probability 1/2
+        rotation  each image by a ~ U(-0.02, 0.02) x 2 pi (+-7.2 degrees) about its centre,
+                  bilinear, borders filled by reflection (Keras' defaults)
+        width     the whole batch resized to width floor(W f), f ~ U(0.8, 1.2), bilinear
+        height    the whole batch resized to height floor(H g), g ~ U(0.8, 1.2), bilinear
+
+    So, as in the study, the network sees images of varying size while it trains (88-132 px
+    sides at 110 px) and 110 x 110 at test time.
+
+    Args:
+        x: float32 (B, H, W, 3), raw 0..255.
+        seed: int tensor (2,).
+    Returns:
+        float32 (B, H', W', 3).
+    """
+    import tensorflow as tf
+
+    def uniform(k, shape, low=0.0, high=1.0):
+        return tf.random.stateless_uniform(shape, tf.random.experimental.stateless_fold_in(seed, k),
+                                           minval=low, maxval=high)
+
+    b = tf.shape(x)[0]
+    h, w = tf.shape(x)[1], tf.shape(x)[2]
+    x = tf.where((uniform(1, [b]) < 0.5)[:, None, None, None], tf.reverse(x, [2]), x)
+    angle = uniform(2, [b], -0.02 * 2 * math.pi, 0.02 * 2 * math.pi)
+    hf, wf = tf.cast(h, tf.float32) - 1.0, tf.cast(w, tf.float32) - 1.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    x_offset = (wf - (cos * wf - sin * hf)) / 2.0
+    y_offset = (hf - (sin * wf + cos * hf)) / 2.0
+    zeros = tf.zeros_like(angle)
+    transforms = tf.stack([cos, -sin, x_offset, sin, cos, y_offset, zeros, zeros], axis=1)
+    x = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x, transforms=transforms, output_shape=tf.stack([h, w]), fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="REFLECT")
+    new_w = tf.cast(tf.cast(w, tf.float32) * uniform(3, [], 0.8, 1.2), tf.int32)
+    new_h = tf.cast(tf.cast(h, tf.float32) * uniform(4, [], 0.8, 1.2), tf.int32)
+    return tf.image.resize(x, tf.stack([new_h, new_w]), method="bilinear")
+
+
 def make_train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
                        epochs: Tuple[int, int], num_classes: Optional[int] = None,
                        augment: Optional[str] = None, views: int = 1,
@@ -448,7 +527,8 @@ def make_train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
         epochs: (start, stop) epoch indices (0-based); the dataset holds
             (stop - start) * ceil(N / batch_size) batches.
         num_classes: if given, targets are one-hot float32 (B, K); else int32 labels (B,).
-        augment: None, "light" or "strong".
+        augment: None, "light", "strong" (``augment_images``) or "study" (``study_augment``:
+            the batch's images may change size).
         views: 1, or 2 for contrastive training: each image appears twice (two independent
             augmentations), interleaved [a0, b0, a1, b1, ...] so a batch split across replicas keeps
             pairs together; labels are repeated the same way (the batch holds 2B images).
@@ -476,6 +556,8 @@ def make_train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
             b = augment_images(images, tf.random.experimental.stateless_fold_in(key, 2), "strong")
             images = tf.reshape(tf.stack([a, b], axis=1), [-1] + list(x.shape[1:]))
             labels = tf.repeat(labels, 2)
+        elif augment == "study":
+            images = study_augment(images, key)
         elif augment:
             images = augment_images(images, key, augment)
         targets = labels if num_classes is None else tf.one_hot(labels, num_classes)
@@ -755,8 +837,7 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
         _adopt_init(cfg, class_names)
     if cfg.weights is None:
         cfg.weights = "none" if cfg.init else default_weights(cfg.model, cfg.regime, cfg.variant)
-    if cfg.precise_bn is None:
-        cfg.precise_bn = 0 if cfg.variant == "thesis" else PRECISE_BN_IMAGES
+    _protocol_defaults(cfg)
     if int(info.get("image_size", 0)):
         models.check_input_size(cfg.model, (int(info["image_size"]),) * 2 + (3,))
     cost = load_cost_matrix(cfg.cost_matrix, class_names) if cfg.cost_matrix else None
@@ -772,6 +853,27 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
     if not cfg.init:
         models.resolve_weights(cfg.model, cfg.weights, tr.x.shape[1])   # fail before writing
     return _Inputs(info, class_names, tr, va, class_weight, source, cost)
+
+
+def _protocol_defaults(cfg: TrainConfig) -> None:
+    """Fill what the variant decides (docs/study.md §3-4): ours by default, the study's code under
+    ``variant="thesis"``. Each is also a flag of its own, recorded in config.json."""
+    thesis = cfg.variant == "thesis"
+    on_encoder = cfg.regime in ("contrastive", "baseline")
+    if cfg.monitor is None:
+        cfg.monitor = "loss" if thesis and on_encoder else "val_loss"
+    if cfg.keep is None:
+        cfg.keep = "last" if thesis else "best"
+    if cfg.patience is None:
+        cfg.patience = 0 if thesis and (cfg.model, cfg.regime) in THESIS_NO_EARLY_STOPPING else 3
+    if cfg.online_augment is None:
+        cfg.online_augment = "study" if thesis and on_encoder else "none"
+    elif isinstance(cfg.online_augment, bool):
+        cfg.online_augment = "light" if cfg.online_augment else "none"
+    if cfg.contrastive_views is None:
+        cfg.contrastive_views = 1 if thesis else 2
+    if cfg.precise_bn is None:
+        cfg.precise_bn = 0 if thesis else PRECISE_BN_IMAGES
 
 
 def _adopt_init(cfg: TrainConfig, class_names: List[str]) -> None:
@@ -895,14 +997,15 @@ def _classifier_phase(cfg: TrainConfig, inputs: _Inputs, run: Path, global_batch
 
     def batches(start: int, stop: int):
         return make_train_dataset(inputs.tr.x, inputs.tr.y, global_batch, cfg.seed, (start, stop),
-                                  num_classes=k, augment="light" if cfg.online_augment else None,
+                                  num_classes=k,
+                                  augment=None if cfg.online_augment == "none" else cfg.online_augment,
                                   class_weight=inputs.class_weight)
 
     return fitting.Phase(
         name="classifier", run=run, dataset_fn=batches, steps=steps, epochs=cfg.epochs,
         columns=HISTORY_COLUMNS, history_path=run / "history.csv",
         val_ds=make_eval_dataset(inputs.va.x, inputs.va.y, global_batch, num_classes=k),
-        monitor=cfg.monitor, patience=cfg.patience, lr_patience=cfg.lr_patience,
+        monitor=cfg.monitor, keep=cfg.keep, patience=cfg.patience, lr_patience=cfg.lr_patience,
         lr_factor=cfg.lr_factor, min_lr=cfg.min_lr,
         precise_bn=(fitting.PreciseBatchNorm(bn_images, global_batch, "test")
                     if cfg.precise_bn else None),
@@ -917,6 +1020,9 @@ def _contrastive_phase(encoder, cfg: TrainConfig, inputs: _Inputs, run: Path, gl
     projector.compile(optimizer=_adam(cfg.contrastive_lr), loss=_contrastive_loss(cfg))
 
     def views(start: int, stop: int):
+        if cfg.contrastive_views == 1:      # the study: one pass through its augmentation block
+            return make_train_dataset(inputs.tr.x, inputs.tr.y, global_batch, cfg.seed,
+                                      (start, stop), num_classes=None, augment="study")
         return make_train_dataset(inputs.tr.x, inputs.tr.y, global_batch, cfg.seed, (start, stop),
                                   num_classes=None, views=2)
 
@@ -947,19 +1053,19 @@ def _count(variables) -> int:
 def _plot_history(cfg: TrainConfig, run: Path, result: fitting.PhaseResult,
                   contrastive_rows: Optional[List[dict]]) -> None:
     """loss.png, accuracy.png (and contrastive_loss.png): the curves with the kept epoch marked."""
-    best = result.best_epoch
+    kept = result.kept_epoch
     _plot(run / "loss.png", result.rows, [("loss", "train"), ("val_loss", "validation")], "loss",
-          f"{cfg.model} {cfg.regime}: loss", best)
+          f"{cfg.model} {cfg.regime}: loss", kept, cfg.keep)
     _plot(run / "accuracy.png", result.rows, [("accuracy", "train"),
                                               ("val_accuracy", "validation")],
-          "accuracy", f"{cfg.model} {cfg.regime}: accuracy", best)
+          "accuracy", f"{cfg.model} {cfg.regime}: accuracy", kept, cfg.keep)
     if contrastive_rows:
         _plot(run / "contrastive_loss.png", contrastive_rows, [("loss", f"{cfg.loss} loss")],
               "contrastive loss", f"{cfg.model} phase 1 ({cfg.loss}, tau {cfg.temperature:g})")
 
 
 def _plot(path: Path, rows: Sequence[dict], series: Sequence[Tuple[str, str]], ylabel: str,
-          title: str, best_epoch: Optional[int] = None) -> None:
+          title: str, kept_epoch: Optional[int] = None, keep: str = "best") -> None:
     """One line plot per (column, label) over epochs, saved atomically as PNG."""
     from matplotlib.figure import Figure
 
@@ -970,9 +1076,9 @@ def _plot(path: Path, rows: Sequence[dict], series: Sequence[Tuple[str, str]], y
         values = [r.get(col, float("nan")) for r in rows]
         if any(math.isfinite(v) for v in values):
             ax.plot(epochs, values, marker="o", markersize=3, label=label)
-    if best_epoch is not None:
-        ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1,
-                   label=f"best epoch {best_epoch}")
+    if kept_epoch is not None:
+        ax.axvline(kept_epoch, color="grey", linestyle="--", linewidth=1,
+                   label=f"{'best' if keep == 'best' else 'last'} epoch {kept_epoch} (kept)")
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -983,13 +1089,12 @@ def _plot(path: Path, rows: Sequence[dict], series: Sequence[Tuple[str, str]], y
 def _summary(cfg: TrainConfig, inputs: _Inputs, run: Path, result: fitting.PhaseResult,
              contrastive_rows: Optional[List[dict]], seconds: float) -> dict:
     """summary.json: the kept epoch and its validation scores, epochs run, time."""
-    best = result.best_epoch
     rows = result.rows
-    best_row = next((r for r in rows if r["epoch"] == best), rows[-1] if rows else {})
+    kept_row = next((r for r in rows if r["epoch"] == result.kept_epoch), rows[-1] if rows else {})
     return {"run": str(run), "model": cfg.model, "regime": cfg.regime, "variant": cfg.variant,
-            "loss": cfg.loss, "best_epoch": best, "epochs_run": result.epochs_run,
-            "max_epochs": cfg.epochs,
-            "val_loss": best_row.get("val_loss"), "val_accuracy": best_row.get("val_accuracy"),
+            "loss": cfg.loss, "best_epoch": result.best_epoch, "kept_epoch": result.kept_epoch,
+            "keep": cfg.keep, "epochs_run": result.epochs_run, "max_epochs": cfg.epochs,
+            "val_loss": kept_row.get("val_loss"), "val_accuracy": kept_row.get("val_accuracy"),
             "train_images": len(inputs.tr), "val_images": len(inputs.va),
             "seconds": seconds, "seconds_per_epoch": result.epoch_seconds,
             "contrastive_epochs_run": len(contrastive_rows) if contrastive_rows else None,
@@ -1047,6 +1152,9 @@ def format_summary(summary: dict) -> str:
     per_epoch = summary.get("seconds_per_epoch")
     timing = f"{summary['seconds']:.1f} s" + (f" ({per_epoch:.1f} s/epoch)" if per_epoch else "")
     return (f"trained {summary['model']} ({summary['regime']}, {summary['variant']}){phase1}: "
-            f"best epoch {summary['best_epoch']}/{summary['epochs_run']} on {summary['selected_on']}"
-            f", val_loss {fmt(summary['val_loss'])}, val_accuracy {fmt(summary['val_accuracy'])}; "
+            + (f"kept the last epoch ({summary['kept_epoch']}/{summary['epochs_run']})"
+               if summary.get("keep") == "last" else
+               f"best epoch {summary['best_epoch']}/{summary['epochs_run']} on "
+               f"{summary['selected_on']}")
+            + f", val_loss {fmt(summary['val_loss'])}, val_accuracy {fmt(summary['val_accuracy'])}; "
             f"{timing}; run folder {summary['run']}")

@@ -419,7 +419,7 @@ def test_cost_matrix_regime(tiny_prepared, tmp_path):
 
 def test_contrastive_regime(tiny_prepared, tmp_path):
     run = tmp_path / "con"
-    summary = train.train(_config(tiny_prepared, run, regime="contrastive", loss="npairs",
+    summary = train.train(_config(tiny_prepared, run, regime="contrastive",
                                   contrastive_epochs=2, epochs=1, variant="thesis"))
     phase1 = _history(run, "contrastive_history.csv")
     assert list(phase1[0]) == ["epoch", "loss"] and len(phase1) == 2
@@ -429,11 +429,88 @@ def test_contrastive_regime(tiny_prepared, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["loss"] == "npairs" and cfg["lr"] == 1e-4 and cfg["weights"] == "none"
     assert len(cfg["normalization"][0]) == 3                      # the study's adapted stats
+    # the rest of the study's contrastive protocol, each a flag of its own (docs/study.md §4)
+    assert (cfg["contrastive_views"], cfg["online_augment"], cfg["monitor"], cfg["keep"],
+            cfg["precise_bn"]) == (1, "study", "loss", "last", 0)
+    assert summary["kept_epoch"] == summary["epochs_run"] == 1
     model = keras.models.load_model(run / "model.keras")
     assert models.preprocessing_of(model) == "standardize"
     assert not model.get_layer("conv1").trainable                  # phase 2: encoder frozen
     assert model.get_layer("dense_512").trainable
     assert summary["contrastive_epochs_run"] == 2
+
+
+def _resolved(**kw):
+    cfg = train._validate(_config("/nonexistent", "/tmp/x", **kw))
+    train._protocol_defaults(cfg)
+    return cfg
+
+
+def test_protocol_defaults_ours_and_the_studys():
+    """Ours by default; under --variant thesis what the study's code did (docs/study.md §3-4);
+    an explicit flag always wins."""
+    ours = _resolved(regime="contrastive")
+    assert (ours.loss, ours.contrastive_views, ours.online_augment, ours.monitor, ours.keep,
+            ours.patience, ours.precise_bn) == ("supcon", 2, "none", "val_loss", "best", 3,
+                                                train.PRECISE_BN_IMAGES)
+    study = _resolved(regime="contrastive", variant="thesis")
+    assert (study.loss, study.contrastive_views, study.online_augment, study.monitor, study.keep,
+            study.patience, study.precise_bn) == ("npairs", 1, "study", "loss", "last", 3, 0)
+    finetune = _resolved(variant="thesis")
+    assert (finetune.monitor, finetune.keep, finetune.online_augment) == ("val_loss", "last",
+                                                                          "none")
+    # the two study runs that had no early stopping, and only those, only under thesis
+    assert _resolved(model="vgg19", variant="thesis").patience == 0
+    assert _resolved(model="resnet50", regime="cost-sensitive", variant="thesis").patience == 0
+    assert _resolved(model="resnet50", variant="thesis").patience == 3
+    assert _resolved(model="vgg19").patience == 3
+    assert _resolved(model="vgg19", variant="thesis", patience=5).patience == 5
+    assert _resolved(online_augment=True).online_augment == "light"
+    assert _resolved(variant="thesis", keep="best").keep == "best"
+
+
+def test_keep_last_saves_the_final_epoch(tiny_prepared, tmp_path):
+    """--keep last: the saved model is the last epoch's (its val_loss re-computed equals the last
+    history row's), whatever the best epoch was; --monitor loss selects on the training loss."""
+    run = tmp_path / "last"
+    summary = train.train(_config(tiny_prepared, run, epochs=3, keep="last", monitor="loss",
+                                  patience=0, lr=3e-2))
+    rows = _history(run)
+    assert summary["kept_epoch"] == 3 and summary["selected_on"] == "loss"
+    assert summary["best_epoch"] == int(np.argmin([float(r["loss"]) for r in rows])) + 1
+    model = keras.models.load_model(run / "model.keras")
+    va = data.load_split(tiny_prepared, "val")
+    p = model.predict(va.x.astype(np.float32), verbose=0)
+    nll = -np.mean(np.log(np.clip(p[np.arange(len(va.y)), va.y], 1e-7, 1.0)))
+    assert nll == pytest.approx(float(rows[-1]["val_loss"]), rel=1e-4, abs=1e-5)
+
+
+def test_study_augment_known_properties():
+    """The study's block: one size per batch within 0.8-1.2 of the side, a uniform image stays
+    uniform (flip, reflected rotation and bilinear resize of a constant are that constant), values
+    stay in the input's range (convex combinations), same seed same batch."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0, 255, (5, 40, 40, 3)).astype(np.float32))
+    sizes = set()
+    for k in range(12):
+        seed = tf.constant([1, k], tf.int64)
+        a = train.study_augment(x, seed).numpy()
+        np.testing.assert_array_equal(a, train.study_augment(x, seed).numpy())
+        assert a.shape[0] == 5 and 32 <= a.shape[1] <= 48 and 32 <= a.shape[2] <= 48
+        assert a.min() >= 0 and a.max() <= 255 + 1e-3
+        sizes.add(a.shape[1:3])
+        flat = train.study_augment(tf.fill((2, 40, 40, 3), 77.0), seed).numpy()
+        np.testing.assert_allclose(flat, 77.0, atol=1e-3)
+    assert len(sizes) > 3                                  # the size changes from batch to batch
+
+
+def test_one_view_contrastive_batches_have_b_rows():
+    x, y = _ids_dataset(12)
+    for images, labels in train.make_train_dataset(x.repeat(8, 1).repeat(8, 2), y, 4, 0, (0, 1),
+                                                   augment="study"):
+        assert images.shape[0] == labels.shape[0] == 4          # one view per image: B, not 2B
+    for images, labels in train.make_train_dataset(x, y, 4, 0, (0, 1), views=2):
+        assert images.shape[0] == labels.shape[0] == 8
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_prepared, tmp_path):
@@ -498,6 +575,9 @@ def test_cli_choices_match_the_library():
     assert choices["loss"] == train.CONTRASTIVE_LOSS_NAMES
     assert choices["strategy"] == train.STRATEGIES
     assert choices["monitor"] == train.MONITORS
+    assert choices["keep"] == train.KEEP
+    assert choices["online_augment"] == train.AUGMENTATIONS
+    assert choices["contrastive_views"] == (1, 2)
     assert set(choices["mining"]) == set(train.TRIPLET_MINING)
     fields = {f.name for f in __import__("dataclasses").fields(train.TrainConfig)}
     dests = {a.dest for a in sub._actions} - {"help", "quiet"}
