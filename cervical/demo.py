@@ -155,7 +155,8 @@ def run_demo(out: os.PathLike = "outputs/demo", quick: bool = False, seed: int =
                        _report, list(runs.values()), out / "report", progress)
     n_classes = len(next(iter(results.values()))["class_names"])
     result = {"out": str(out), "quick": quick, "seed": seed, "sizes": sizes, "seconds": seconds,
-              "runs": {k: {key: v[key] for key in ("test_accuracy", "macro_f1", "run")}
+              "runs": {k: {key: v[key] for key in ("test_accuracy", "macro_f1", "run",
+                                                   "accuracy_ci", "accuracy_ci_cells")}
                        for k, v in results.items()},
               "chance_accuracy": 1.0 / n_classes, **explained,
               "report": str(report_path), "finished": True}
@@ -219,7 +220,9 @@ def _evaluate(runs: Dict[str, Path], seed: int, say: Callable, progress) -> Dict
                                  n_boot=200, seed=seed)
         say(report.format_eval(ev))
         results[name] = {"test_accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
-                         "run": str(run), "class_names": ev["class_names"]}
+                         "run": str(run), "class_names": ev["class_names"],
+                         "accuracy_ci": (ev.get("ci") or {}).get("accuracy"),
+                         "accuracy_ci_cells": (ev.get("ci_cells") or {}).get("accuracy")}
     return results
 
 

@@ -427,6 +427,21 @@ def _vec_kappa(t, p, idx, k):
     return _safe_div(po - pe, 1.0 - pe, 0.0)
 
 
+def _cluster_stats(t, p, groups, metric, vec, k, n, rng) -> np.ndarray:
+    """The metric on ``n`` cluster resamples: G of the G clusters drawn with replacement."""
+    g = np.asarray(groups)
+    if g.shape[0] != t.size:
+        raise MetricsError(f"groups: {g.shape[0]} ids for {t.size} samples; give one per sample")
+    _, cluster = np.unique(g, return_inverse=True)
+    members = [np.flatnonzero(cluster == c) for c in range(int(cluster.max()) + 1)]
+    draws = rng.integers(0, len(members), size=(n, len(members)))
+    stats = np.empty(n)
+    for b, draw in enumerate(draws):
+        idx = np.concatenate([members[c] for c in draw])
+        stats[b] = vec(t, p, idx[None, :], k)[0] if vec is not None else float(metric(t[idx], p[idx]))
+    return stats
+
+
 #: Metrics that :func:`bootstrap_ci` computes vectorised over all resamples at once.
 NAMED_METRICS: Dict[str, Callable] = {
     "accuracy": _vec_accuracy,
@@ -440,7 +455,8 @@ NAMED_METRICS: Dict[str, Callable] = {
 def bootstrap_ci(y_true: Sequence[int], y_pred: Sequence[int],
                  metric: Union[str, Callable[[np.ndarray, np.ndarray], float]] = "accuracy",
                  n: int = 1000, seed: int = 0, alpha: float = 0.05,
-                 num_classes: Optional[int] = None, chunk: int = 200) -> Dict[str, object]:
+                 num_classes: Optional[int] = None, chunk: int = 200,
+                 groups: Optional[Sequence] = None) -> Dict[str, object]:
     """Percentile-bootstrap confidence interval of a metric (Efron & Tibshirani 1993, §13.3).
 
     Draw B = ``n`` resamples of the N test samples with replacement (one index matrix from
@@ -460,9 +476,16 @@ def bootstrap_ci(y_true: Sequence[int], y_pred: Sequence[int],
         alpha: 1 − confidence level.
         num_classes: K for the named metrics (default max label + 1); macro-F1 averages over K.
         chunk: resamples processed per vectorised step (bounds memory to chunk·N·K² counts).
+        groups: optional (N,) cluster ids. Cells of one cluster (e.g. the cells cut from one
+            Pap-smear image, which share its stain and focus) are not independent, so a cell-level
+            bootstrap understates the uncertainty; with ``groups`` the G clusters are resampled
+            with replacement instead and each resample holds every cell of the drawn clusters
+            (the cluster bootstrap, Davison & Hinkley 1997, §3.8). One cell per cluster gives
+            exactly the cell-level interval.
 
     Returns:
-        {"metric", "estimate", "low", "high", "alpha", "n_boot", "seed", "method": "percentile"}.
+        {"metric", "estimate", "low", "high", "alpha", "n_boot", "seed", "method"}, method
+        "percentile" or "cluster percentile" (then also "n_groups").
 
     Raises:
         MetricsError: unknown metric name, n < 1, alpha outside (0, 1), or bad labels.
@@ -483,6 +506,12 @@ def bootstrap_ci(y_true: Sequence[int], y_pred: Sequence[int],
         name = getattr(metric, "__name__", "custom")
         estimate = float(metric(t, p))
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        stats = _cluster_stats(t, p, groups, metric, vec, k, int(n), rng)
+        low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
+        return {"metric": name, "estimate": estimate, "low": float(low), "high": float(high),
+                "alpha": float(alpha), "n_boot": int(n), "seed": int(seed),
+                "method": "cluster percentile", "n_groups": int(len(set(np.asarray(groups).tolist())))}
     idx = rng.integers(0, t.size, size=(int(n), t.size))
     stats = np.empty(int(n))
     step = max(1, int(chunk))
@@ -502,7 +531,8 @@ def bootstrap_ci(y_true: Sequence[int], y_pred: Sequence[int],
 # --------------------------------------------------------------------------------------------
 def summarize(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequence[str], y_prob=None,
               abnormal: Optional[Sequence[str]] = None, n_bins: int = 15, n_boot: int = 1000,
-              seed: int = 0, zero_division: float = 0.0) -> Dict[str, object]:
+              seed: int = 0, zero_division: float = 0.0,
+              groups: Optional[Sequence] = None) -> Dict[str, object]:
     """Every number of the study (thesis §6.1) and the ones it lacked, as one JSON-ready dict.
 
     Definitions (scikit-learn's, with ``labels=range(K)`` so every class has a row):
@@ -514,7 +544,8 @@ def summarize(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequenc
         kappa             = (p_o − p_e) / (1 − p_e)  (Cohen 1960)
     With ``y_prob``: ``roc_auc`` (macro one-vs-rest), ``log_loss`` (−(1/N) Σ log p_{n,y_n}),
     ``brier``, ``ece`` and ``reliability`` (Guo et al. 2017, ``n_bins`` bins).
-    With ``n_boot`` > 0: ``ci`` holds 95 % percentile-bootstrap intervals of accuracy and macro-F1.
+    With ``n_boot`` > 0: ``ci`` holds 95 % percentile-bootstrap intervals of accuracy and macro-F1
+    (over clusters with ``groups``, and then ``ci_cells`` the cell-level ones beside them).
 
     Args:
         y_true: true labels (N,), ints in 0..K-1.
@@ -525,6 +556,8 @@ def summarize(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequenc
             :func:`default_abnormal_classes` (SIPaKMeD / Herlev names); an empty list skips them.
         n_bins: calibration bins.
         n_boot: bootstrap resamples (0 skips the intervals).
+        groups: optional (N,) cluster ids; the intervals then resample clusters (see
+            :func:`bootstrap_ci`), as they must when cells of one image are not independent.
         seed: bootstrap seed.
         zero_division: value of an undefined (0/0) precision, recall or F1: 0 or 1 (the bootstrap
             intervals always use 0).
@@ -595,6 +628,9 @@ def summarize(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequenc
         out["reliability"] = reliability_data(t, prob, n_bins)
         out["ece"] = expected_calibration_error(t, prob, n_bins)
     if n_boot:
-        out["ci"] = {m: bootstrap_ci(t, p, m, n=n_boot, seed=seed, num_classes=k)
+        out["ci"] = {m: bootstrap_ci(t, p, m, n=n_boot, seed=seed, num_classes=k, groups=groups)
                      for m in ("accuracy", "macro_f1")}
+        if groups is not None:     # the cell-level interval too, to show what clustering adds
+            out["ci_cells"] = {m: bootstrap_ci(t, p, m, n=n_boot, seed=seed, num_classes=k)
+                               for m in ("accuracy", "macro_f1")}
     return out

@@ -406,7 +406,7 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
                           f"{len(cells.names)} ({', '.join(cells.names)}); evaluate on data of the "
                           f"run's task")
     summary = metrics.summarize(cells.y, prob.argmax(axis=1), cells.names, y_prob=prob,
-                                abnormal=abnormal, n_boot=n_boot, seed=seed)
+                                abnormal=abnormal, n_boot=n_boot, seed=seed, groups=cells.groups)
     summary["meta"] = _eval_meta(run, config, data, split, external, cells, n_boot, seed)
     if out_dir is None:
         sub = split if not external else f"external-{_slug(data.name)}-{split}"
@@ -422,6 +422,7 @@ class _EvalCells:
     x: np.ndarray
     y: np.ndarray
     paths: List[str]
+    groups: List[str]                 # cluster image of each cell (the bootstrap's unit)
     names: List[str]
     info: dict
     augmented_excluded: int
@@ -445,8 +446,8 @@ def _eval_cells(config: dict, data: Path, split: str) -> _EvalCells:
     keep = ~np.asarray(part.augmented, dtype=bool)
     if not keep.any():
         raise ReportError(f"--split {split}: only augmented copies in {data}; choose another split")
-    return _EvalCells(part.x[keep], y[keep], [p for p, k in zip(part.paths, keep) if k], names,
-                      info, int((~keep).sum()))
+    return _EvalCells(part.x[keep], y[keep], [p for p, k in zip(part.paths, keep) if k],
+                      [g for g, k in zip(part.groups, keep) if k], names, info, int((~keep).sum()))
 
 
 def _eval_meta(run: Path, config: dict, data: Path, split: str, external: bool,
@@ -521,6 +522,12 @@ def format_eval(summary: dict) -> str:
         return _fmt(summary[key]) + (f" [{c['low']:.4f}, {c['high']:.4f}]" if c else "")
     lines.append(f"accuracy {with_ci('accuracy')}   macro-F1 {with_ci('macro_f1')}   "
                  f"balanced accuracy {_fmt(summary['balanced_accuracy'])}   kappa {_fmt(summary['kappa'])}")
+    acc = ci.get("accuracy") or {}
+    if acc.get("method") == "cluster percentile":
+        cells = (summary.get("ci_cells") or {}).get("accuracy") or {}
+        lines.append(f"95 % intervals resample the {acc['n_groups']} cluster images (cells of one "
+                     f"image are not independent); cell-level accuracy interval "
+                     f"[{cells.get('low', float('nan')):.4f}, {cells.get('high', float('nan')):.4f}]")
     extra = [f"ROC-AUC {_fmt(summary.get('roc_auc'))}", f"log loss {_fmt(summary.get('log_loss'))}",
              f"ECE {_fmt(summary.get('ece'))}"]
     if summary.get("abnormal_classes"):

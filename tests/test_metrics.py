@@ -288,3 +288,26 @@ def test_bad_probabilities():
         M.summarize([0, 1], [0, 1], ["a", "b"], y_prob=[[2.0, 3.0], [1.0, 0.0]], n_boot=0)
     with pytest.raises(M.MetricsError, match="shape"):
         M.summarize([0, 1], [0, 1], ["a", "b"], y_prob=[[1.0, 0.0]], n_boot=0)
+
+
+def test_cluster_bootstrap_known_answers():
+    """Clusters resampled, not cells. Two equal clusters, one all right and one all wrong: a
+    resample holds both (p = 1/2), the right one twice (1/4) or the wrong one twice (1/4), so the
+    accuracy is 0.5, 1 or 0 and the 95 % interval is [0, 1]; the 200 cells resampled one by one
+    give a narrow interval around 0.5. One cell per cluster gives the cell-level interval exactly
+    (the same draws)."""
+    t = np.zeros(200, int)
+    p = np.r_[np.zeros(100, int), np.ones(100, int)]
+    groups = ["right"] * 100 + ["wrong"] * 100
+    c = M.bootstrap_ci(t, p, "accuracy", n=400, seed=0, num_classes=2, groups=groups)
+    assert (c["low"], c["high"], c["method"], c["n_groups"]) == (0.0, 1.0, "cluster percentile", 2)
+    cells = M.bootstrap_ci(t, p, "accuracy", n=400, seed=0, num_classes=2)
+    assert 0.4 < cells["low"] < 0.5 < cells["high"] < 0.6
+    rng = np.random.default_rng(1)
+    t2, p2 = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
+    for m in ("accuracy", "macro_f1"):
+        a = M.bootstrap_ci(t2, p2, m, n=300, seed=4, num_classes=3, groups=list(range(50)))
+        b = M.bootstrap_ci(t2, p2, m, n=300, seed=4, num_classes=3)
+        assert (a["low"], a["high"]) == (b["low"], b["high"])
+    s = M.summarize(t, p, ["a", "b"], n_boot=200, groups=groups)
+    assert s["ci"]["accuracy"]["method"] == "cluster percentile" and "ci_cells" in s
