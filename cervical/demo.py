@@ -203,8 +203,9 @@ def _train(prepared: Path, runs_dir: Path, sizes: dict, seed: int, say: Callable
     runs = {}
     for name, title, options in _PLANS:
         say(f"-- {name}: {title}")
-        cfg = train.TrainConfig(data=str(prepared), model="tiny", seed=seed, batch_size=32,
-                                verbose=0, out=str(runs_dir / name), **{**options, **epochs[name]})
+        cfg = train.TrainConfig(**{"data": str(prepared), "model": "tiny", "seed": seed,
+                                   "batch_size": 32, "verbose": 0, "out": str(runs_dir / name),
+                                   **options, **epochs[name]})
         say(train.format_summary(train.train(cfg, callbacks=_epoch_progress(progress, name))))
         runs[name] = runs_dir / name
     return runs
