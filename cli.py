@@ -67,15 +67,31 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-map", default=None, metavar="FILE.json",
                    help="JSON {folder class: task class}; overrides --task (default: none)")
     p.add_argument("--size", type=int, default=110, help="target side in pixels (default: %(default)s)")
-    p.add_argument("--resize", choices=["pad", "stretch"], default="pad",
+    p.add_argument("--variant", choices=["standard", "thesis"], default="standard",
+                   help="defaults of the options below: ours, or what the study's code did "
+                        "(stretch, nearest, its exact split, augment raw crops in BGR order with "
+                        "black gaps, JPEG 95) (default: %(default)s)")
+    p.add_argument("--resize", choices=["pad", "stretch"], default=None,
                    help="pad: keep aspect, pad to square with the border colour; stretch: the "
-                        "study's (default: %(default)s)")
-    p.add_argument("--interpolation", choices=["area", "bilinear", "nearest"], default="area",
-                   help="resampling filter; 'nearest' matches the study (default: %(default)s)")
-    p.add_argument("--split", default="grouped",
+                        "study's (default: pad)")
+    p.add_argument("--interpolation", choices=["area", "bilinear", "nearest"], default=None,
+                   help="resampling filter; 'nearest' matches the study (default: area)")
+    p.add_argument("--split", default=None,
                    help="grouped (no cluster image in two splits) | thesis (the study's per-class "
                         "80/20 then 80/20, cell level) | manifest:FILE.csv | manifest:thesis "
-                        "(the study's exact membership) (default: %(default)s)")
+                        "(the study's exact membership) (default: grouped)")
+    p.add_argument("--augment-at", choices=["target", "raw"], default=None,
+                   help="augment the resized cell, or the raw crop before resizing as the study "
+                        "did (default: target)")
+    p.add_argument("--fill", choices=["border", "black"], default=None,
+                   help="gaps left by rotations and shifts: the crop's border colour, or black as "
+                        "the study's imgaug (default: border)")
+    p.add_argument("--jpeg-quality", type=_int_at_least(0), default=None, metavar="Q",
+                   help="JPEG-recompress every image at quality Q as the study did (95); 0 = off "
+                        "(default: 0)")
+    p.add_argument("--augment-order", choices=["rgb", "bgr"], default=None,
+                   help="channel order the augmenters see; bgr reproduces the study's OpenCV "
+                        "arrays (changes CLAHE/gamma, Canny and colour copies) (default: rgb)")
     p.add_argument("--folds", type=_int_at_least(0), default=0,
                    help="K > 1: grouped stratified K-fold, one prepared folder per fold "
                         "(default: %(default)s = single split)")
@@ -102,7 +118,9 @@ def run_prepare(args) -> int:
         class_map=args.class_map, size=args.size, resize=args.resize,
         interpolation=args.interpolation, split=args.split, folds=args.folds,
         augment=args.augment, seed=args.seed, per_class=args.per_class, workers=args.workers,
-        save_images=not args.no_images, overwrite=args.overwrite, progress=_progress)
+        save_images=not args.no_images, overwrite=args.overwrite, progress=_progress,
+        variant=args.variant, augment_at=args.augment_at, fill=args.fill,
+        jpeg_quality=args.jpeg_quality, augment_order=args.augment_order)
     print(data.format_summary(summary))
     return 0
 

@@ -713,9 +713,11 @@ def resize_cell(img: np.ndarray, size: int, mode: str = "pad", interpolation: st
 def size_analysis(widths: Sequence[int], heights: Sequence[int], bins: int = 30) -> dict:
     """Width x height statistics and the densest bin of a 2-D histogram (rows = height).
 
-    The study printed the densest bin with height and width swapped; here ``height_range`` is
-    the bin's range along the height axis and ``width_range`` along the width axis. The
-    suggested size is the mean of the two bin centres, rounded (the study's ~110).
+    ``height_range`` is the densest bin's range along the height axis and ``width_range`` along
+    the width axis; the suggested size is the mean of the two bin centres, rounded. The study
+    printed two left bin edges with the labels swapped (its "height" is ``width_edges[i_h]``, its
+    "width" ``height_edges[i_w]``; 108.9 and 98.5 on SIPaKMeD, hence its 110 px): reported as
+    ``study_printed`` beside ours.
     """
     w = np.asarray(widths, dtype=np.float64)
     h = np.asarray(heights, dtype=np.float64)
@@ -732,6 +734,7 @@ def size_analysis(widths: Sequence[int], heights: Sequence[int], bins: int = 30)
         "densest_bin": {"height_range": h_rng, "width_range": w_rng, "count": int(hist[i_h, i_w]),
                         "bins": bins},
         "suggested_size": int(round((sum(h_rng) + sum(w_rng)) / 4)),
+        "study_printed": {"height": float(w_edges[i_h]), "width": float(h_edges[i_w])},
     }
 
 
@@ -767,9 +770,11 @@ def _grouped_fold(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, f
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_groups = len(np.unique(groups))
-    if n_groups < n_splits:
-        raise DataError(f"--split grouped: only {n_groups} groups (cluster images) for {n_splits} "
-                        f"folds; use more data or --split thesis")
+    smallest = int(np.unique(y, return_counts=True)[1].min())
+    if n_groups < n_splits or smallest < n_splits:
+        raise DataError(f"--split grouped: {n_groups} cluster images and {smallest} cells in the "
+                        f"smallest class, too few for {n_splits} folds; use more data "
+                        f"(at least {n_splits} cells per class) or --split thesis")
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     for k, (a, b) in enumerate(sgkf.split(np.zeros(len(y)), y, groups)):
         if k == fold:
@@ -864,9 +869,21 @@ def resolve_split_spec(spec: str) -> Tuple[str, Optional[Path]]:
 # Parallel decode / augment (module-level functions so worker processes can pickle them)
 # ------------------------------------------------------------------------------------------------
 
-def _load_record(job) -> Tuple[str, object]:
-    """Decode, build the label mask and resize one record. Returns ("ok", payload) or an error."""
-    rec, size, mode, interpolation = job
+def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
+    """Encode as JPEG at ``quality`` (PIL, 4:2:0 chroma subsampling) and decode again: what the
+    study's conversion of every image to .jpg (OpenCV's default quality 95) did to the pixels."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"), dtype=np.uint8)
+
+
+def _read_raw(rec: "Record", jpeg_quality: int = 0) -> Tuple[str, object]:
+    """Decode one record at its raw size with its label mask: ("ok", (img, mask)) or an error."""
     try:
         img = decode_rgb(rec.path)
     except DataError as exc:
@@ -885,15 +902,51 @@ def _load_record(job) -> Tuple[str, object]:
                                 f"image is {w}x{h}; use the mask that belongs to {rec.path.name}")
     except DataError as exc:
         return "fatal", str(exc)
+    return "ok", (jpeg_roundtrip(img, jpeg_quality) if jpeg_quality else img, mask)
+
+
+def _load_record(job) -> Tuple[str, object]:
+    """Decode, build the label mask, (JPEG-recompress) and resize one record.
+
+    Returns ("ok", (image, mask, (raw width, raw height))), or ("skip" | "fatal", message).
+    """
+    rec, size, mode, interpolation, jpeg_quality = job
+    status, payload = _read_raw(rec, jpeg_quality)
+    if status != "ok":
+        return status, payload
+    img, mask = payload
     small, small_mask = resize_cell(img, size, mode, interpolation, mask)
-    return "ok", (small, small_mask, (w, h))
+    return "ok", (small, small_mask, (img.shape[1], img.shape[0]))
 
 
 def _augment_job(job):
+    """The augmented copies of one training cell (module-level: worker processes pickle it).
+
+    ``source`` is the resized cell (augment at the target size) or its Record (augment at the raw
+    size, then resize each copy, as the study did); ``order`` "bgr" runs the augmenters on the
+    channel-reversed image (the study fed OpenCV's BGR arrays to colour operations written for
+    RGB); each copy is JPEG-recompressed when ``jpeg_quality`` > 0.
+    """
     from cervical import augment
 
-    img, mask, n, entropy = job
-    return augment.augment_copies(img, mask, n=n, seed=np.random.SeedSequence(entropy))
+    source, mask, n, entropy, fill, order, jpeg_quality, resize = job
+    if resize is not None:                          # raw: the record, decoded here
+        status, payload = _read_raw(source)
+        if status != "ok":
+            raise DataError(str(payload))
+        source, mask = payload
+    image = source[..., ::-1].copy() if order == "bgr" else source
+    copies = augment.augment_copies(image, mask, n=n, seed=np.random.SeedSequence(entropy),
+                                    fill=fill)
+    out = []
+    for img, m, name in copies:
+        img = img[..., ::-1].copy() if order == "bgr" else img
+        if jpeg_quality:
+            img = jpeg_roundtrip(img, jpeg_quality)
+        if resize is not None:
+            img, m = resize_cell(img, *resize, mask=m)
+        out.append((img, m, name))
+    return out
 
 
 def _stable_int(text: str) -> int:
@@ -1057,6 +1110,11 @@ class PrepareOptions:
     workers: int
     save_images: bool
     progress: Optional[files.Progress]
+    augment_at: str = "target"         # "target" (after resizing) | "raw" (before: the study)
+    fill: str = "border"               # affine gaps: "border" colour | "black" (the study)
+    jpeg_quality: int = 0              # > 0: JPEG-recompress every image (the study: 95)
+    augment_order: str = "rgb"         # "rgb" | "bgr" (the study's channel order)
+    variant: str = "standard"          # whose defaults filled the options above
 
 
 @dataclasses.dataclass
@@ -1103,13 +1161,28 @@ class ManifestRow:
     mask: Optional[np.ndarray]
 
 
+#: How each prepare option is set by default (ours) and by the study's code (variant "thesis";
+#: docs/study.md §1-2). "manifest:thesis" applies when the raw files carry SIPaKMeD's names
+#: (SIPaKMeD itself, or the synthetic set made with them); other data get the study's rule.
+PREPARE_VARIANTS = {
+    "standard": {"resize": "pad", "interpolation": "area", "split": "grouped",
+                 "augment_at": "target", "fill": "border", "jpeg_quality": 0,
+                 "augment_order": "rgb"},
+    "thesis": {"resize": "stretch", "interpolation": "nearest", "split": "manifest:thesis",
+               "augment_at": "raw", "fill": "black", "jpeg_quality": 95, "augment_order": "bgr"},
+}
+
+
 def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             out: os.PathLike = "outputs/prepared", task: Optional[str] = None,
-            class_map: Optional[os.PathLike] = None, size: int = 110, resize: str = "pad",
-            interpolation: str = "area", split: str = "grouped", folds: int = 0, augment: int = 6,
+            class_map: Optional[os.PathLike] = None, size: int = 110,
+            resize: Optional[str] = None, interpolation: Optional[str] = None,
+            split: Optional[str] = None, folds: int = 0, augment: int = 6,
             seed: int = 42, per_class: Optional[int] = None, workers: int = 0,
             save_images: bool = True, overwrite: bool = False,
-            progress: Optional[files.Progress] = None) -> dict:
+            progress: Optional[files.Progress] = None, variant: str = "standard",
+            augment_at: Optional[str] = None, fill: Optional[str] = None,
+            jpeg_quality: Optional[int] = None, augment_order: Optional[str] = None) -> dict:
     """Raw dataset -> prepared dataset folder (thesis ch. 5: size analysis, resize, split, augment).
 
     Everything is written to a staging folder beside ``out`` and renamed into place at the end,
@@ -1131,21 +1204,37 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             folds.json for K-fold output); any other non-empty folder is refused, and so is a
             ``data_dir`` inside (or equal to) ``out``, with or without overwrite.
         progress: None, or ``progress(step, done, total)`` for long loops (cervical.files).
+        variant: "standard" or "thesis": the defaults of the options below (PREPARE_VARIANTS).
+        augment_at: "target" (augment the resized cell) or "raw" (augment the raw crop, then
+            resize each copy, as the study did).
+        fill: what fills the gaps of rotations and shifts: "border" (the crop's background
+            colour) or "black" (imgaug's default, the study's).
+        jpeg_quality: 0, or JPEG-recompress every image at this quality before resizing (and
+            every augmented copy once made), as the study's conversion to .jpg (95) did.
+        augment_order: "rgb", or "bgr": run the augmenters on the channel-reversed image, as the
+            study's OpenCV arrays were (it changes the CLAHE/gamma, Canny and colour groups).
     Returns:
         A summary dict (also stored in dataset.json).
     """
     out = Path(out)
-    if size < MIN_SIDE:
-        raise DataError(f"--size {size}: too small; use at least {MIN_SIDE} (the study used 110)")
-    if augment < 0:
-        raise DataError(f"--augment {augment}: must be 0 or more")
-    split_kind, manifest_csv = resolve_split_spec(split)
+    if variant not in PREPARE_VARIANTS:
+        raise DataError(f"--variant {variant}: unknown; choose standard or thesis")
+    given = {"resize": resize, "interpolation": interpolation, "split": split,
+             "augment_at": augment_at, "fill": fill, "jpeg_quality": jpeg_quality,
+             "augment_order": augment_order}
+    chosen = {k: PREPARE_VARIANTS[variant][k] if v is None else v for k, v in given.items()}
+    if variant == "thesis" and split is None and dataset not in ("sipakmed", "synthetic", "auto"):
+        chosen["split"] = "thesis"          # no SIPaKMeD file names: the study's rule instead
+    _check_prepare_numbers(size, augment, chosen)
+    split_kind, manifest_csv = resolve_split_spec(chosen["split"])
     if folds and split_kind != "grouped":
         raise DataError("--folds: K-fold splits are grouped; drop --split or use --split grouped")
     opts = PrepareOptions(dataset, None if data_dir is None else Path(data_dir), task, class_map,
-                          size, resize, interpolation, split, split_kind, manifest_csv, folds,
-                          augment, seed, per_class, workers or os.cpu_count() or 1, save_images,
-                          progress)
+                          size, chosen["resize"], chosen["interpolation"], chosen["split"],
+                          split_kind, manifest_csv, folds, augment, seed, per_class,
+                          workers or os.cpu_count() or 1, save_images, progress,
+                          chosen["augment_at"], chosen["fill"], int(chosen["jpeg_quality"]),
+                          chosen["augment_order"], variant)
     _check_out_vs_data_dir(out, data_dir)
     stage = _stage_dir(out, overwrite)
     try:
@@ -1156,6 +1245,21 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
         raise
     summary["out"] = str(out)
     return summary
+
+
+def _check_prepare_numbers(size: int, augment: int, chosen: dict) -> None:
+    if size < MIN_SIDE:
+        raise DataError(f"--size {size}: too small; use at least {MIN_SIDE} (the study used 110)")
+    if augment < 0:
+        raise DataError(f"--augment {augment}: must be 0 or more")
+    for flag, allowed in (("augment_at", ("target", "raw")), ("fill", ("border", "black")),
+                          ("augment_order", ("rgb", "bgr"))):
+        if chosen[flag] not in allowed:
+            raise DataError(f"--{flag.replace('_', '-')} {chosen[flag]}: unknown; choose "
+                            f"{' or '.join(allowed)}")
+    q = chosen["jpeg_quality"]
+    if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 0 <= q <= 100:
+        raise DataError(f"--jpeg-quality {q}: must be an integer 0 (off) to 100")
 
 
 def _prepare_into(stage: Path, out: Path, opts: PrepareOptions) -> dict:
@@ -1227,7 +1331,7 @@ def _read_records(raw: _RawSource, opts: PrepareOptions):
 def _decode_cells(records: List[Record], class_names: List[str], raw: _RawSource,
                   opts: PrepareOptions) -> _Cells:
     """Decode, mask and resize every record (in parallel, in a fixed order); skip unreadable ones."""
-    jobs = [(r, opts.size, opts.resize, opts.interpolation) for r in records]
+    jobs = [(r, opts.size, opts.resize, opts.interpolation, opts.jpeg_quality) for r in records]
     results = _pool_map(_load_record, jobs, opts.workers, opts.progress, "decode+resize")
     fatal = [msg for status, msg in results if status == "fatal"]
     if fatal:
@@ -1267,7 +1371,10 @@ def _dataset_info(raw: _RawSource, opts: PrepareOptions, task_name: str, cmap, s
         "source_dir": str(raw.final_dir), "image_size": opts.size, "resize": opts.resize,
         "interpolation": opts.interpolation,
         "split": opts.split if opts.split_kind != "manifest" else f"manifest:{opts.manifest_csv.name}",
-        "seed": opts.seed, "augment": opts.augment, "size_analysis": sizes,
+        "variant": opts.variant, "seed": opts.seed, "augment": opts.augment,
+        "augment_at": opts.augment_at,
+        "fill": opts.fill, "jpeg_quality": opts.jpeg_quality,
+        "augment_order": opts.augment_order, "size_analysis": sizes,
         "fingerprint": fingerprint, "skipped": len(cells.skipped), "generated": raw.generated,
         "versions": files.library_versions(),
     }
@@ -1294,8 +1401,13 @@ def _augment_train(cells: _Cells, assignments: List[np.ndarray], opts: PrepareOp
     if not opts.augment:
         return {}
     train_union = sorted({i for a in assignments for i in np.flatnonzero(a == "train")})
-    jobs = [(cells.images[i], None if cells.masks is None else cells.masks[i], opts.augment,
-             [opts.seed, _stable_int(f"{cells.records[i].source_class}/{cells.records[i].stem}")])
+    raw = opts.augment_at == "raw"
+    fill = 0 if opts.fill == "black" else "border"
+    jobs = [(cells.records[i] if raw else cells.images[i],
+             None if cells.masks is None or raw else cells.masks[i], opts.augment,
+             [opts.seed, _stable_int(f"{cells.records[i].source_class}/{cells.records[i].stem}")],
+             fill, opts.augment_order, opts.jpeg_quality,
+             (opts.size, opts.resize, opts.interpolation) if raw else None)
             for i in train_union]
     copies = _pool_map(_augment_job, jobs, opts.workers, opts.progress, f"augment x{opts.augment}")
     return dict(zip(train_union, copies))
@@ -1397,7 +1509,9 @@ def format_summary(summary: dict) -> str:
                      f"{sa['height']['min']}-{sa['height']['max']}; densest bin height "
                      f"{db['height_range'][0]:.0f}-{db['height_range'][1]:.0f} x width "
                      f"{db['width_range'][0]:.0f}-{db['width_range'][1]:.0f} -> suggested size "
-                     f"{sa['suggested_size']}")
+                     f"{sa['suggested_size']}" + (
+                         f" (the study's reading of the same bin: 'height {sa['study_printed']['height']:.1f}, "
+                         f"width {sa['study_printed']['width']:.1f}')" if "study_printed" in sa else ""))
     if summary.get("skipped"):
         lines.append(f"  skipped {summary['skipped']} unreadable images (see skipped.txt)")
     if summary.get("masks_dropped"):

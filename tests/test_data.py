@@ -482,3 +482,88 @@ def test_synthetic_with_a_manifest_generates_exactly_its_files(tmp_path):
                  save_images=False)
     got = {(r["split"], r["class_name"], r["stem"]) for r in data.read_manifest(out)}
     assert got == set(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# The study's preparation, switch by switch (docs/study.md §1-2)
+# ------------------------------------------------------------------------------------------------
+
+def _raw_record(tmp_path, image, name="001_01"):
+    from PIL import Image
+
+    folder = tmp_path / "im_Parabasal"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / f"{name}.bmp")
+    return data.Record(path=folder / f"{name}.bmp", class_name="Parabasal",
+                       source_class="Parabasal", group="Parabasal/001", stem=name)
+
+
+def test_fill_black_leaves_zeros_in_affine_gaps(tmp_path):
+    """A uniform grey crop: with --fill black the affine copy's gaps are exactly 0 (the study's
+    imgaug default); with --fill border they take the crop's colour, so nothing is darker."""
+    img = np.full((40, 30, 3), 200, np.uint8)
+    mins = {}
+    for fill in ("border", 0):
+        lows = []
+        for seed in range(8):
+            (copy, _, group), = data._augment_job((img, None, 1, [seed, 1], fill, "rgb", 0, None))
+            assert group == "affine"
+            lows.append(int(copy.min()))
+        mins[fill] = lows
+    assert min(mins["border"]) == 200                    # border colour = the crop's own grey
+    assert min(mins[0]) == 0                             # black gaps appear
+
+
+def test_augment_at_raw_order_bgr_and_jpeg_are_what_they_claim(tmp_path):
+    """Each switch by its definition: raw = augment the decoded crop, then resize every copy;
+    bgr = augment the channel-reversed image and reverse back; JPEG = one round trip at the
+    given quality after each copy is made."""
+    from cervical import augment
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    rec = _raw_record(tmp_path, raw)
+    entropy = [3, 9]
+    got = data._augment_job((rec, None, 3, entropy, "border", "bgr", 90, (16, "stretch", "nearest")))
+    ref = augment.augment_copies(raw[..., ::-1].copy(), None, n=3,
+                                 seed=np.random.SeedSequence(entropy), fill="border")
+    for (img, _, name), (r, _, rname) in zip(got, ref):
+        expected = data.jpeg_roundtrip(r[..., ::-1].copy(), 90)
+        expected, _ = data.resize_cell(expected, 16, "stretch", "nearest")
+        assert name == rname and img.shape == (16, 16, 3)
+        np.testing.assert_array_equal(img, expected)
+    rgb = data._augment_job((rec, None, 3, entropy, "border", "rgb", 0, (16, "stretch", "nearest")))
+    assert not np.array_equal(rgb[1][0], got[1][0])      # clahe_gamma differs in BGR order
+    assert not np.array_equal(data.jpeg_roundtrip(raw, 95), raw)
+
+
+def test_size_analysis_reports_the_studys_swapped_reading():
+    """Two clusters of sizes so that the densest bin has different height and width indices:
+    ours names the ranges on their own axes, the study printed width_edges[i_h] as 'height' and
+    height_edges[i_w] as 'width' (computed here with numpy directly)."""
+    widths = [100] * 50 + [60] * 10 + [200]
+    heights = [150] * 50 + [60] * 10 + [200]
+    sa = data.size_analysis(widths, heights)
+    hist, h_edges, w_edges = np.histogram2d(heights, widths, bins=30)
+    i_h, i_w = np.unravel_index(int(np.argmax(hist)), hist.shape)
+    assert i_h != i_w
+    assert sa["densest_bin"]["height_range"][0] == pytest.approx(h_edges[i_h])
+    assert sa["densest_bin"]["width_range"][0] == pytest.approx(w_edges[i_w])
+    assert sa["study_printed"] == {"height": pytest.approx(w_edges[i_h]),
+                                   "width": pytest.approx(h_edges[i_w])}
+
+
+def test_prepare_variant_thesis_records_the_studys_choices(tmp_path):
+    out = data.prepare(dataset="synthetic", out=tmp_path / "p", size=24, augment=1, per_class=6,
+                       variant="thesis", split="thesis", save_images=False)
+    info = data.read_info(tmp_path / "p")
+    assert (info["resize"], info["interpolation"], info["augment_at"], info["fill"],
+            info["jpeg_quality"], info["augment_order"], info["variant"]) == (
+        "stretch", "nearest", "raw", "black", 95, "bgr", "thesis")
+    assert out["split"] == "thesis"
+    std = data.prepare(dataset="synthetic", out=tmp_path / "q", size=24, augment=0, per_class=24,
+                       save_images=False)
+    assert (std["resize"], std["augment_at"], std["fill"], std["jpeg_quality"]) == (
+        "pad", "target", "border", 0)
+    with pytest.raises(data.DataError, match="--jpeg-quality"):
+        data.prepare(dataset="synthetic", out=tmp_path / "r", jpeg_quality=101, per_class=4)
