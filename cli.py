@@ -99,6 +99,11 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="augmented copies per train image (6 gives the study's x7, 2589 -> 18123; "
                         "0 disables) (default: %(default)s)")
     p.add_argument("--seed", type=_int_at_least(0), default=42, help="split/augmentation seed (default: %(default)s)")
+    p.add_argument("--hard", dest="synthetic", action="store_const", const="hard",
+                   default="default",
+                   help="synthetic only: overlapping classes and strongly clustered imaging "
+                        "conditions, the setting in which a cell-level split can leak (default: "
+                        "the easy set)")
     p.add_argument("--per-class", type=_int_at_least(0), default=None,
                    help="synthetic only: cells per class (default: 120; 'full' sizes via "
                         "--per-class 0 = the real SIPaKMeD counts)")
@@ -120,7 +125,8 @@ def run_prepare(args) -> int:
         augment=args.augment, seed=args.seed, per_class=args.per_class, workers=args.workers,
         save_images=not args.no_images, overwrite=args.overwrite, progress=_progress,
         variant=args.variant, augment_at=args.augment_at, fill=args.fill,
-        jpeg_quality=args.jpeg_quality, augment_order=args.augment_order)
+        jpeg_quality=args.jpeg_quality, augment_order=args.augment_order,
+        synthetic=args.synthetic)
     print(data.format_summary(summary))
     return 0
 

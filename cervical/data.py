@@ -1115,6 +1115,7 @@ class PrepareOptions:
     jpeg_quality: int = 0              # > 0: JPEG-recompress every image (the study: 95)
     augment_order: str = "rgb"         # "rgb" | "bgr" (the study's channel order)
     variant: str = "standard"          # whose defaults filled the options above
+    synthetic: str = "default"         # the synthetic generator's difficulty ("hard")
 
 
 @dataclasses.dataclass
@@ -1182,7 +1183,8 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             save_images: bool = True, overwrite: bool = False,
             progress: Optional[files.Progress] = None, variant: str = "standard",
             augment_at: Optional[str] = None, fill: Optional[str] = None,
-            jpeg_quality: Optional[int] = None, augment_order: Optional[str] = None) -> dict:
+            jpeg_quality: Optional[int] = None, augment_order: Optional[str] = None,
+            synthetic: str = "default") -> dict:
     """Raw dataset -> prepared dataset folder (thesis ch. 5: size analysis, resize, split, augment).
 
     Everything is written to a staging folder beside ``out`` and renamed into place at the end,
@@ -1213,6 +1215,8 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             every augmented copy once made), as the study's conversion to .jpg (95) did.
         augment_order: "rgb", or "bgr": run the augmenters on the channel-reversed image, as the
             study's OpenCV arrays were (it changes the CLAHE/gamma, Canny and colour groups).
+        synthetic: with dataset "synthetic": the generator's "default" (easy) or "hard" setting
+            (cervical.synthetic.Difficulty).
     Returns:
         A summary dict (also stored in dataset.json).
     """
@@ -1234,7 +1238,7 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
                           split_kind, manifest_csv, folds, augment, seed, per_class,
                           workers or os.cpu_count() or 1, save_images, progress,
                           chosen["augment_at"], chosen["fill"], int(chosen["jpeg_quality"]),
-                          chosen["augment_order"], variant)
+                          chosen["augment_order"], variant, synthetic)
     _check_out_vs_data_dir(out, data_dir)
     stage = _stage_dir(out, overwrite)
     try:
@@ -1304,12 +1308,14 @@ def _raw_source(stage: Path, out: Path, opts: PrepareOptions) -> _RawSource:
     stems = (synthetic.stems_from_csv(opts.manifest_csv) if opts.split_kind == "manifest"
              else None)
     if opts.data_dir is None:          # generated inside the staging folder, renamed with it
-        generated = synthetic.generate(stage / "raw", per_class=n, seed=opts.seed, stems=stems)
+        generated = synthetic.generate(stage / "raw", per_class=n, seed=opts.seed, stems=stems,
+                                       difficulty=opts.synthetic)
         generated["out_dir"] = str(out / "raw")
         return _RawSource("synthetic", stage / "raw", out / "raw", generated)
     generated = None
     if not opts.data_dir.exists() or not any(opts.data_dir.iterdir()):
-        generated = synthetic.generate(opts.data_dir, per_class=n, seed=opts.seed, stems=stems)
+        generated = synthetic.generate(opts.data_dir, per_class=n, seed=opts.seed, stems=stems,
+                                       difficulty=opts.synthetic)
     return _RawSource("synthetic", opts.data_dir, opts.data_dir, generated)
 
 

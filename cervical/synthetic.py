@@ -168,6 +168,72 @@ CLASS_SPECS: Mapping[str, ClassSpec] = MappingProxyType({
 
 
 @dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """How hard the classes are to tell apart, and how much the cluster images differ.
+
+    The default set makes each class easy to recognise from the cell itself (its nucleus, halo and
+    cytoplasm), so knowing a cell's cluster image adds nothing and a cell-level split cannot leak
+    anything a grouped split would not give too. Real smears are not like that: the cell-level cues
+    of neighbouring classes overlap (nuclear size, chromatin and cytoplasm ranges shared between
+    classes, and a share of atypical cells that look like a neighbouring class), while the
+    conditions of one cluster image (stain batch, focus, illumination, magnification, background
+    debris) vary strongly between images and are shared by every cell cut from one. The "hard"
+    setting generates that: a model can then score better on cells whose cluster image it saw in
+    training, which is the mechanism by which the study's cell-level split inflates accuracy.
+
+    Attributes:
+        name: "default" or "hard".
+        widen: each morphology range (low, high) of ClassSpec becomes centre +- widen x half-width
+            (clipped to valid values), so the ranges of neighbouring classes overlap.
+        p_atypical: chance that a cell is drawn with the morphology of a neighbouring class
+            (NEIGHBOURS); its label stays its own class.
+        cluster_spread: factor on the spread of every cluster-level condition of sample_stain
+            around its centre (stain hue and strengths, illumination, haze, blur, noise,
+            magnification, nucleus scale, debris).
+    """
+
+    name: str = "default"
+    widen: float = 1.0
+    p_atypical: float = 0.0
+    cluster_spread: float = 1.0
+
+
+#: The generator's settings: the easy default, and the overlapping, strongly clustered "hard" one.
+DIFFICULTIES = MappingProxyType({"default": Difficulty(),
+                                 "hard": Difficulty("hard", widen=2.0, p_atypical=0.3,
+                                                    cluster_spread=2.0)})
+
+#: Classes whose cells resemble each other (the atypical cells of the hard setting): the mature
+#: squamous pair, the immature pair, and dyskeratotic cells between koilocytes and metaplasia.
+NEIGHBOURS = MappingProxyType({
+    "Superficial-Intermediate": ("Koilocytotic",),
+    "Koilocytotic": ("Superficial-Intermediate", "Dyskeratotic"),
+    "Dyskeratotic": ("Koilocytotic", "Metaplastic"),
+    "Metaplastic": ("Parabasal", "Dyskeratotic"),
+    "Parabasal": ("Metaplastic",),
+})
+
+_RANGE_LIMITS = {"cell_axis": (0.3, 1.0), "cyt_density": (0.05, None), "nc_ratio": (0.05, 0.7),
+                 "nuc_axis": (0.35, 1.0), "nuc_irregular": (0.0, 0.2), "nuc_density": (0.3, None),
+                 "halo": (1.3, None)}
+
+
+def widened(spec: "ClassSpec", factor: float) -> "ClassSpec":
+    """``spec`` with every (low, high) morphology range widened about its centre by ``factor``."""
+    changes = {}
+    for name, (lo_lim, hi_lim) in _RANGE_LIMITS.items():
+        rng_ = getattr(spec, name)
+        if rng_ is None:
+            continue
+        centre, half = (rng_[0] + rng_[1]) / 2.0, (rng_[1] - rng_[0]) / 2.0 * factor
+        lo, hi = centre - half, centre + half
+        lo = max(lo, lo_lim) if lo_lim is not None else lo
+        hi = min(hi, hi_lim) if hi_lim is not None else hi
+        changes[name] = (lo, max(hi, lo))
+    return dataclasses.replace(spec, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
 class Stain:
     """Stain, imaging conditions and slide-level factors shared by all cells of one cluster image.
 
@@ -204,7 +270,7 @@ class Stain:
     nucleus_scale: float = 1.0
 
 
-def sample_stain(rng: np.random.Generator) -> Stain:
+def sample_stain(rng: np.random.Generator, spread: float = 1.0) -> Stain:
     """Draw the stain and imaging conditions of one cluster image.
 
     The ranges are wide on purpose (strengths x0.6-1.5, hue of each stain perturbed, tinted and
@@ -212,30 +278,38 @@ def sample_stain(rng: np.random.Generator) -> Stain:
 
     Args:
         rng: the cluster's generator.
+        spread: factor on every condition's deviation from its centre (Difficulty.cluster_spread;
+            1 draws exactly the default conditions).
     Returns:
         A Stain.
     """
-    od = _STAIN_OD + rng.normal(0.0, 0.12, _STAIN_OD.shape)
+    def s(value, centre, low=None, high=None):
+        """The drawn value, its deviation from ``centre`` scaled by ``spread`` (clipped)."""
+        if spread == 1.0:
+            return value
+        return np.clip(centre + (value - centre) * spread, low, high)
+
+    od = _STAIN_OD + s(rng.normal(0.0, 0.12, _STAIN_OD.shape), 0.0)
     od = np.clip(od, 0.02, None)
     od /= np.linalg.norm(od, axis=1, keepdims=True)
-    brightness = rng.uniform(0.80, 1.0)
-    tint = 1.0 + rng.normal(0.0, 0.05, 3)
+    brightness = s(rng.uniform(0.80, 1.0), 1.0, 0.45, 1.0)
+    tint = 1.0 + s(rng.normal(0.0, 0.05, 3), 0.0)
     white = np.clip(250.0 * brightness * tint, 120.0, 255.0)
     haze_dir = rng.dirichlet((1.0, 1.0, 1.0))
     return Stain(od=od,
-                 nuclear_strength=float(rng.uniform(0.7, 1.3)),
-                 cyto_strength=float(rng.uniform(0.6, 1.5)),
-                 mix_bias=rng.normal(0.0, 0.7, 3),
+                 nuclear_strength=float(s(rng.uniform(0.7, 1.3), 1.0, 0.3)),
+                 cyto_strength=float(s(rng.uniform(0.6, 1.5), 1.05, 0.25)),
+                 mix_bias=s(rng.normal(0.0, 0.7, 3), 0.0),
                  white=white,
-                 haze_od=haze_dir * rng.uniform(0.0, 0.12),
-                 texture=float(rng.uniform(0.1, 0.6)),
+                 haze_od=haze_dir * s(rng.uniform(0.0, 0.12), 0.0, 0.0),
+                 texture=float(s(rng.uniform(0.1, 0.6), 0.1, 0.0)),
                  texture_scale=float(rng.uniform(3.0, 9.0)),
-                 gradient=rng.normal(0.0, 0.04, 2),
-                 noise=float(rng.uniform(1.5, 6.0)),
-                 blur=float(rng.uniform(0.35, 1.1)),
-                 debris=float(rng.uniform(0.0, 1.5)),
-                 magnification=float(math.exp(rng.normal(0.0, 0.1))),
-                 nucleus_scale=float(rng.uniform(0.93, 1.07)))
+                 gradient=s(rng.normal(0.0, 0.04, 2), 0.0),
+                 noise=float(s(rng.uniform(1.5, 6.0), 1.5, 0.5)),
+                 blur=float(s(rng.uniform(0.35, 1.1), 0.35, 0.2)),
+                 debris=float(s(rng.uniform(0.0, 1.5), 0.0, 0.0)),
+                 magnification=float(math.exp(s(rng.normal(0.0, 0.1), 0.0))),
+                 nucleus_scale=float(s(rng.uniform(0.93, 1.07), 1.0, 0.5)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -542,7 +616,8 @@ def _crop_frame(shapes: Sequence[Shape], size: int, rng: np.random.Generator
     return h, w, scale, (margin[0] - xmin) * scale, (margin[2] - ymin) * scale
 
 
-def render_cell(cls: str, rng: np.random.Generator, stain: Stain, size: int
+def render_cell(cls: str, rng: np.random.Generator, stain: Stain, size: int,
+                difficulty: Difficulty = DIFFICULTIES["default"]
                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one cell crop of class ``cls`` under a cluster's ``stain``.
 
@@ -551,6 +626,7 @@ def render_cell(cls: str, rng: np.random.Generator, stain: Stain, size: int
         rng: the cell's generator (everything random about the cell comes from it).
         stain: the cluster image's stain and imaging conditions (sample_stain).
         size: the crop's longer side in px (the shorter one follows the cell's shape).
+        difficulty: the generator's setting (atypical cells and widened ranges in "hard").
     Returns:
         (rgb uint8 (h, w, 3), nucleus polygon (P, 2), cytoplasm polygon (Q, 2)); polygons are
         x, y vertices in the crop's pixel coordinates (the cell outline includes any companion
@@ -563,6 +639,10 @@ def render_cell(cls: str, rng: np.random.Generator, stain: Stain, size: int
     if size < 8:
         raise SyntheticError(f"size={size}: crops need at least 8 px; raise size")
     spec = CLASS_SPECS[cls]
+    if difficulty.name != "default":
+        if rng.random() < difficulty.p_atypical:
+            spec = CLASS_SPECS[NEIGHBOURS[cls][int(rng.integers(len(NEIGHBOURS[cls])))]]
+        spec = widened(spec, difficulty.widen)
     cells = [cell_geometry(spec, rng, stain)]
     if rng.random() < spec.p_clump:
         for _ in range(int(rng.integers(1, 3))):
@@ -800,7 +880,8 @@ def _check_args(seed, size_range) -> Tuple[int, int]:
 def generate(out_dir: os.PathLike, per_class: Union[int, Mapping[str, int]] = 60,
              clusters_per_class: Union[None, int, Mapping[str, int]] = None, seed: int = 0,
              size_range: Tuple[int, int] = (60, 160), progress: ProgressArg = None,
-             overwrite: bool = False, stems: Optional[Mapping[str, Sequence[str]]] = None) -> dict:
+             overwrite: bool = False, stems: Optional[Mapping[str, Sequence[str]]] = None,
+             difficulty: str = "default") -> dict:
     """Write a synthetic SIPaKMeD-like dataset in the official nested layout.
 
     Everything is written to a staging folder beside ``out_dir`` and renamed into place at the end,
@@ -820,6 +901,8 @@ def generate(out_dir: os.PathLike, per_class: Union[int, Mapping[str, int]] = 60
         progress: None, or ``progress(step, done, total)`` after every cell.
         overwrite: replace a non-empty ``out_dir``.
         stems: exact ``NNN_MM`` stems per class (stems_from_csv); overrides the counts.
+        difficulty: "default" (easy, cell cues decide) or "hard" (overlapping classes, strongly
+            clustered conditions; see Difficulty).
     Returns:
         Summary dict: out_dir, seed, counts {class: cells}, clusters {class: cluster images},
         n_cells, n_clusters.
@@ -828,6 +911,9 @@ def generate(out_dir: os.PathLike, per_class: Union[int, Mapping[str, int]] = 60
     """
     lo, hi = _check_args(seed, size_range)
     seed = int(seed)
+    if difficulty not in DIFFICULTIES:
+        raise SyntheticError(f"difficulty={difficulty!r}: choose one of {', '.join(DIFFICULTIES)}")
+    setting = DIFFICULTIES[difficulty]
     layout = plan_layout(per_class, clusters_per_class, seed, stems)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -845,10 +931,12 @@ def generate(out_dir: os.PathLike, per_class: Union[int, Mapping[str, int]] = 60
             stain, stain_of = None, None
             for nnn, mm in cells:
                 if stain_of != nnn:
-                    stain, stain_of = sample_stain(np.random.default_rng([seed, 1, ci, nnn])), nnn
+                    stain = sample_stain(np.random.default_rng([seed, 1, ci, nnn]),
+                                         setting.cluster_spread)
+                    stain_of = nnn
                 rng = np.random.default_rng([seed, 2, ci, nnn, mm])
                 size = crop_size(cls, rng, (lo, hi), stain.magnification)
-                rgb, nuc, cyt = render_cell(cls, rng, stain, size)
+                rgb, nuc, cyt = render_cell(cls, rng, stain, size, setting)
                 stem = f"{nnn:03d}_{mm:02d}"
                 _write_bmp(folder / f"{stem}.bmp", rgb)
                 (folder / f"{stem}_nuc.dat").write_text(format_dat(nuc))
@@ -864,6 +952,8 @@ def generate(out_dir: os.PathLike, per_class: Union[int, Mapping[str, int]] = 60
             "counts": {c: len(v) for c, v in layout.items()},
             "clusters": {c: len({nnn for nnn, _ in v}) for c, v in layout.items()},
         }
+        if difficulty != "default":     # the default set's synthetic.json stays as it was
+            summary["difficulty"] = dataclasses.asdict(setting)
         summary["n_cells"] = sum(summary["counts"].values())
         summary["n_clusters"] = sum(summary["clusters"].values())
         info = {k: v for k, v in summary.items() if k != "out_dir"}
