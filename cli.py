@@ -6,6 +6,7 @@
     python cli.py eval     run folder -> metrics, tables and figures on a split
     python cli.py explain  run folder -> CAM and LIME explanations (+ quantitative XAI evaluation)
     python cli.py report   several runs -> the study's tables and figures, with published results
+    python cli.py audit    the study's protocol against ours on the same cells (the protocol gap)
     python cli.py demo     the whole study offline on the embedded synthetic dataset
 
 This file only parses arguments and calls library functions. Bad input ends with one line on stderr
@@ -357,6 +358,60 @@ def run_explain(args) -> int:
     return 0
 
 
+def add_audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="raw SIPaKMeD folder (default with --dataset synthetic: generate the "
+                        "full-size synthetic set with the study's file names)")
+    p.add_argument("--dataset", choices=["synthetic", "sipakmed"], default="synthetic",
+                   help="raw data layout (default: %(default)s)")
+    p.add_argument("--model", choices=["tiny", "vgg16", "vgg19", "resnet50", "mobilenetv2",
+                                       "densenet169"], default="tiny",
+                   help="the model both protocols train (default: %(default)s)")
+    p.add_argument("--regime", choices=["finetune", "cost-sensitive", "contrastive", "baseline"],
+                   default="finetune", help="training regime (default: %(default)s)")
+    p.add_argument("--seeds", type=_int_at_least(1), default=3,
+                   help="runs per protocol (default: %(default)s)")
+    p.add_argument("--folds", type=_int_at_least(0), default=0,
+                   help="K >= 2: the corrected protocol is grouped K-fold (default: seeds)")
+    p.add_argument("--epochs", type=_int_at_least(1), default=50,
+                   help="maximum epochs (default: %(default)s, the study's)")
+    p.add_argument("--size", type=_int_at_least(8), default=110,
+                   help="image side (default: %(default)s)")
+    p.add_argument("--augment", type=_int_at_least(0), default=6,
+                   help="augmented copies per training image (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                   help="images per step (default: %(default)s)")
+    p.add_argument("--weights", default=None,
+                   help="backbone weights: imagenet | none | FILE (default: train's)")
+    p.add_argument("--easy", dest="synthetic", action="store_const", const="default",
+                   default="hard",
+                   help="generated data: the easy default set instead of the hard one, in which "
+                        "cluster images differ strongly and classes overlap")
+    p.add_argument("--per-class", type=_int_at_least(0), default=0,
+                   help="generated data: cells per class; 0 = SIPaKMeD's 4049 with the study's "
+                        "file names (default: %(default)s)")
+    p.add_argument("--n-boot", type=_int_at_least(0), default=1000,
+                   help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--out", default="outputs/audit", help="audit folder (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: 24 cells per class, 40 px, 2 epochs, one seed")
+
+
+def run_audit(args) -> int:
+    from cervical import audit
+
+    options = {k: getattr(args, k) for k in ("data_dir", "dataset", "model", "regime", "seeds",
+                                             "folds", "epochs", "size", "augment", "batch_size",
+                                             "weights", "synthetic", "per_class", "n_boot", "out")}
+    if args.quick:
+        options.update(audit.QUICK)
+    result = audit.run_audit(audit.AuditConfig(**options), progress=_progress,
+                             say=lambda line: print(line, flush=True))
+    print(audit.format_audit(result).rstrip())
+    print(f"\naudit written to {args.out}/audit.md")
+    return 0
+
+
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/demo",
                    help="demo folder; an earlier demo there is replaced (default: %(default)s)")
@@ -384,6 +439,8 @@ COMMANDS = {
     "eval": (add_eval_args, run_eval, "evaluate a run on a split: metrics, tables, figures"),
     "explain": (add_explain_args, run_explain, "CAM and LIME explanations of a run's predictions"),
     "report": (add_report_args, run_report, "the study's tables and figures from several runs"),
+    "audit": (add_audit_args, run_audit, "the study's protocol against ours on the same cells: "
+                                          "how much of the accuracy is the protocol"),
     "demo": (add_demo_args, run_demo, "the whole study offline on the synthetic dataset"),
 }
 

@@ -266,7 +266,7 @@ def _check_numbers(c: TrainConfig) -> None:
 def _regime_defaults(c: TrainConfig) -> None:
     """The loss, class-weight and --init rules of each regime."""
     if c.regime == "contrastive":
-        c.loss = c.loss or ("npairs" if c.variant == "thesis" else "supcon")
+        c.loss = c.loss or protocol_options(c.variant, c.model, c.regime)["loss"]
         if c.loss not in CONTRASTIVE_LOSS_NAMES:
             raise TrainError(f"--loss {c.loss!r}: unknown; choose one of "
                              f"{', '.join(CONTRASTIVE_LOSS_NAMES)}")
@@ -855,25 +855,31 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
     return _Inputs(info, class_names, tr, va, class_weight, source, cost)
 
 
+def protocol_options(protocol: str, model: str, regime: str) -> dict:
+    """The training procedure of a protocol, as TrainConfig fields: "standard" (ours) or "thesis"
+    (what the study's code did, docs/study.md §3-4). Used for the defaults of ``variant`` and by
+    ``audit``, which trains the same model under both procedures."""
+    thesis = protocol == "thesis"
+    on_encoder = regime in ("contrastive", "baseline")
+    options = {"monitor": "loss" if thesis and on_encoder else "val_loss",
+               "keep": "last" if thesis else "best",
+               "patience": 0 if thesis and (model, regime) in THESIS_NO_EARLY_STOPPING else 3,
+               "online_augment": "study" if thesis and on_encoder else "none",
+               "contrastive_views": 1 if thesis else 2,
+               "precise_bn": 0 if thesis else PRECISE_BN_IMAGES}
+    if regime == "contrastive":
+        options["loss"] = "npairs" if thesis else "supcon"
+    return options
+
+
 def _protocol_defaults(cfg: TrainConfig) -> None:
     """Fill what the variant decides (docs/study.md §3-4): ours by default, the study's code under
     ``variant="thesis"``. Each is also a flag of its own, recorded in config.json."""
-    thesis = cfg.variant == "thesis"
-    on_encoder = cfg.regime in ("contrastive", "baseline")
-    if cfg.monitor is None:
-        cfg.monitor = "loss" if thesis and on_encoder else "val_loss"
-    if cfg.keep is None:
-        cfg.keep = "last" if thesis else "best"
-    if cfg.patience is None:
-        cfg.patience = 0 if thesis and (cfg.model, cfg.regime) in THESIS_NO_EARLY_STOPPING else 3
-    if cfg.online_augment is None:
-        cfg.online_augment = "study" if thesis and on_encoder else "none"
-    elif isinstance(cfg.online_augment, bool):
+    for name, value in protocol_options(cfg.variant, cfg.model, cfg.regime).items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    if isinstance(cfg.online_augment, bool):
         cfg.online_augment = "light" if cfg.online_augment else "none"
-    if cfg.contrastive_views is None:
-        cfg.contrastive_views = 1 if thesis else 2
-    if cfg.precise_bn is None:
-        cfg.precise_bn = 0 if thesis else PRECISE_BN_IMAGES
 
 
 def _adopt_init(cfg: TrainConfig, class_names: List[str]) -> None:
