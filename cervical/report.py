@@ -730,8 +730,11 @@ def _read_history(path: Path) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     return ep, np.array([float(r["loss"]) for r in rows])
 
 
-def _plot_contrastive_losses(records: List[dict], path: Path) -> Optional[Path]:
-    """Fig. 6.3: phase-1 contrastive loss per epoch, one panel per loss, one line per run."""
+def _plot_contrastive_losses(records: List[dict], path: Path,
+                             published: Optional[dict] = None) -> Optional[Path]:
+    """Fig. 6.3: phase-1 contrastive loss per epoch, one panel per loss, one line per run, with
+    the study's printed values (published.json "contrastive_losses": first and last epochs) drawn
+    dashed beside ours, and a last panel with its two broken losses (flat at ln 31 and 0.2)."""
     from matplotlib.figure import Figure
 
     curves: Dict[str, list] = {}
@@ -741,18 +744,71 @@ def _plot_contrastive_losses(records: List[dict], path: Path) -> Optional[Path]:
             curves.setdefault(str(r["loss"] or "contrastive"), []).append((r, h))
     if not curves:
         return None
-    fig = Figure(figsize=(4.2 * len(curves), 3.8), layout="constrained")
-    for i, (loss, items) in enumerate(sorted(curves.items())):
-        ax = fig.add_subplot(1, len(curves), i + 1)
+    theirs = (published or {}).get("contrastive_losses", {}).get("curves", [])
+    broken = [c for c in theirs if "broken" in c["loss"]]
+    panels = sorted(curves.items()) + ([("the study's broken losses", [])] if broken else [])
+    fig = Figure(figsize=(4.2 * len(panels), 3.8), layout="constrained")
+    for i, (loss, items) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
         for r, (ep, lv) in items:
             lab = MODEL_LABELS.get(r["model"], r["model"]) + (f" fold {r['fold']}" if r["fold"] is not None else "")
             ax.plot(ep, lv, marker="o", ms=2, lw=1.2, label=lab)
-        ax.set_title(f"({chr(ord('a') + i)}) {loss} loss")
+        for c in (broken if not items else [c for c in theirs if c["loss"] == loss]):
+            ax.plot(c["epochs"], c["values"], "--", marker="s", ms=3, lw=1, alpha=0.8,
+                    label=f"study {MODEL_LABELS.get(c['model'], c['model'])} ({c['loss']})")
+        ax.set_title(f"({chr(ord('a') + i)}) {loss}" + (" loss" if items else ""))
         ax.set_xlabel("Epoch")
         ax.set_ylabel("Loss")
-        ax.legend(fontsize=7)
-    fig.suptitle("Contrastive pre-training loss (cf. thesis Fig. 6.3)")
+        ax.legend(fontsize=6)
+    fig.suptitle("Contrastive pre-training loss (cf. thesis Fig. 6.3; dashed: the study's "
+                 "printed first/last epochs)")
     return files.save_figure(fig, path)
+
+
+def _dropout(config: dict) -> str:
+    """The dropout rate of a run's classifier head (the heads of docs/study.md §3-4)."""
+    if config.get("regime") in ("contrastive", "baseline"):
+        return "0.5"
+    return "0.5" if config.get("model") in ("vgg16", "vgg19", "resnet50") else "none"
+
+
+def _hyperparameter_section(records: List[dict], published: dict, out: Path) -> List[str]:
+    """Table 6.1 from the runs' config.json files, the thesis's table beside."""
+    header = ["Run", "Model", "Regime", "Epochs (run / max)", "Loss", "Optimizer", "Size",
+              "Batch", "Learning rate", "Dropout", "Kept epoch", "Selected on", "BN statistics"]
+    rows = []
+    for r in records:
+        c, s = r["config"], _read_summary(r["run"])
+        loss = (f"{c.get('loss')} (phase 1), cross-entropy" if c.get("regime") == "contrastive"
+                else "expected cost" if c.get("cost_matrix") else "categorical cross-entropy")
+        lr = (f"{c.get('contrastive_lr')} / {c.get('lr')}" if c.get("regime") == "contrastive"
+              else str(c.get("lr")))
+        rows.append([Path(r["run"]).name, MODEL_LABELS.get(r["model"], r["model"]), r["regime"],
+                     f"{s.get('epochs_run', '?')} / {c.get('epochs')}", loss, "Adam",
+                     f"{c.get('image_size')}x{c.get('image_size')}", c.get("global_batch_size",
+                                                                        c.get("batch_size")),
+                     lr, _dropout(c), c.get("keep") or "best", c.get("monitor"),
+                     f"precise ({c['precise_bn']} images)" if c.get("precise_bn")
+                     else "moving averages"])
+    files.write_csv(out / "hyperparameters.csv", header, rows)
+    thesis = published.get("table_6_1", {})
+    th_rows = [[t["experiment"], t["epochs"], t["loss"], t["optimizer"], t["size"], t["dropout"],
+                t["learning_rate"], t.get("note", "")] for t in thesis.get("rows", [])]
+    md = ["## Hyper-parameters (cf. thesis Table 6.1)", "",
+          "From each run's config.json:", "", _md_table(header, rows)]
+    if th_rows:
+        md += [f"The thesis's table ({thesis.get('source', 'thesis Table 6.1')}):", "",
+               _md_table(["Experiment", "Epochs", "Loss", "Optimizer", "Size", "Dropout",
+                          "Learning rate", "Note"], th_rows)]
+    return md + ["CSV: [hyperparameters.csv](hyperparameters.csv).", ""]
+
+
+def _read_summary(run) -> dict:
+    f = Path(run) / "summary.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 #: Columns of comparison.csv (thesis Table 7.1 with our runs added).
@@ -853,7 +909,8 @@ def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: s
     md += _runs_section(records, out)
     for regime in _regimes_present(groups):
         md += _regime_section(regime, [g for g in groups if g["regime"] == regime], published, out)
-    md += _contrastive_section(records, out)
+    md += _hyperparameter_section(records, published, out)
+    md += _contrastive_section(records, out, published)
     md += _aggregate_section(groups, out)
     md += ["## Library versions", ""] + _version_lines(records) + [""]
     md += _comparison_section(groups, published, out)
@@ -951,10 +1008,10 @@ def _regime_section(regime: str, groups: List[dict], published: dict, out: Path)
             "split.", "", f"![{title}: accuracy per model]({fig.name})", ""]
 
 
-def _contrastive_section(records: List[dict], out: Path) -> List[str]:
+def _contrastive_section(records: List[dict], out: Path, published: dict) -> List[str]:
     """Fig. 6.3: the phase-1 loss curves of the contrastive runs."""
     fig = _plot_contrastive_losses([r for r in records if r["regime"] == "contrastive"],
-                                   out / "fig_contrastive_losses.png")
+                                   out / "fig_contrastive_losses.png", published)
     if fig is None:
         return []
     return ["## Contrastive loss curves (cf. thesis Fig. 6.3)", "",

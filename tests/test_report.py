@@ -370,3 +370,24 @@ def test_eval_and_report_name_untested_versions(tiny_run, tmp_path, capsys):
     assert "note: versions other than the tested ones" in R.format_eval(s)
     report = R.build_report([old], tmp_path / "rep").read_text()
     assert f"old_run: trained with keras 3.0.0 (tested {tested['keras']})" in report
+
+
+def test_table_6_1_from_the_runs_configs(tiny_run, tmp_path):
+    """The hyper-parameter table reads each run's config.json (and summary.json), the thesis's
+    Table 6.1 beside it."""
+    run = tmp_path / "hp_run"
+    run.mkdir()
+    (run / "model.keras").write_bytes((tiny_run / "model.keras").read_bytes())
+    config = json.loads((tiny_run / "config.json").read_text())
+    config.update(model="vgg16", regime="finetune", epochs=50, lr=0.001, image_size=16,
+                  global_batch_size=32, keep="last", monitor="val_loss", precise_bn=0)
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "summary.json").write_text(json.dumps({"epochs_run": 7}))
+    text = R.build_report([run], tmp_path / "rep").read_text()
+    with open(tmp_path / "rep" / "hyperparameters.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert (row["Model"], row["Epochs (run / max)"], row["Learning rate"], row["Dropout"],
+            row["Kept epoch"], row["BN statistics"]) == ("VGG16", "7 / 50", "0.001", "0.5",
+                                                         "last", "moving averages")
+    assert "Hyper-parameters (cf. thesis Table 6.1)" in text
+    assert "Fine-tuning and cost-sensitive learning" in text          # the thesis's own row
