@@ -144,6 +144,11 @@ def run_audit(config: AuditConfig, progress: Optional[files.Progress] = None,
         cervical.data.DataError, cervical.train.TrainError: from the steps.
     """
     cfg = _check(config)
+    with files.output_lock(cfg.out):
+        return _run(cfg, progress, say)
+
+
+def _run(cfg: AuditConfig, progress, say) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     raw, study_split = _raw_data(cfg, out, say)

@@ -1240,13 +1240,14 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
                           chosen["augment_at"], chosen["fill"], int(chosen["jpeg_quality"]),
                           chosen["augment_order"], variant, synthetic)
     _check_out_vs_data_dir(out, data_dir)
-    stage = _stage_dir(out, overwrite)
-    try:
-        summary = _prepare_into(stage, out, opts)
-        _commit_dir(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    with files.output_lock(out):
+        stage = _stage_dir(out, overwrite)
+        try:
+            summary = _prepare_into(stage, out, opts)
+            _commit_dir(stage, out)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
     summary["out"] = str(out)
     return summary
 

@@ -483,17 +483,20 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
                               methods, layer=cam_layer, lime_samples=lime_samples,
                               lime_segments=lime_segments, max_n=max_n, seed=seed,
                               progress=_prefixed(progress, "explain: "))
-    written, records = _write_outputs(target, maps, lime, methods, cam_layer, lime_features)
-    metrics = None
-    if evaluate:
-        metrics = _evaluate(model, target, methods, cam_layer, Path(run_dir), split, n_eval,
-                            xai_eval.EvalSettings(tolerance=tolerance, n_sanity=n_sanity,
-                                                  sanity_blocks=sanity_blocks,
-                                                  sanity_mode=sanity_mode, seed=seed),
-                            dict(lime_samples=lime_samples, lime_segments=lime_segments,
-                                 max_n=max_n), progress)
-        written += ["xai_metrics.json", "xai_metrics.md", "xai_curves.png"]
-    return {"out_dir": str(target.out), "files": written, "cells": records, "layer": cam_layer,
+    final, metrics = target.out, None
+    # every file is written to a folder beside the output and swapped in whole at the end
+    with files.output_lock(final), files.atomic_dir(final, "cells.json") as stage:
+        target.out = stage
+        written, records = _write_outputs(target, maps, lime, methods, cam_layer, lime_features)
+        if evaluate:
+            metrics = _evaluate(model, target, methods, cam_layer, Path(run_dir), split, n_eval,
+                                xai_eval.EvalSettings(tolerance=tolerance, n_sanity=n_sanity,
+                                                      sanity_blocks=sanity_blocks,
+                                                      sanity_mode=sanity_mode, seed=seed),
+                                dict(lime_samples=lime_samples, lime_segments=lime_segments,
+                                     max_n=max_n), progress)
+            written += ["xai_metrics.json", "xai_metrics.md", "xai_curves.png"]
+    return {"out_dir": str(final), "files": written, "cells": records, "layer": cam_layer,
             "metrics": metrics}
 
 

@@ -13,19 +13,24 @@ the command line turns those calls into text.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import re
+import shutil
+import socket
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["Progress", "report_progress", "write_bytes", "write_text", "write_json", "to_json",
+__all__ = ["Progress", "report_progress", "OutputError", "atomic_dir", "output_lock",
+           "write_bytes", "write_text", "write_json", "to_json",
            "write_csv", "save_figure", "save_png", "save_npz", "RESULT_LIBRARIES",
            "CONSTRAINTS_FILE", "library_versions", "tested_versions", "untested_versions",
            "git_commit"]
@@ -38,6 +43,108 @@ def report_progress(progress: Optional[Progress], step: str, done: int, total: i
     """Call ``progress`` when there is one (the library's loops never print themselves)."""
     if progress is not None:
         progress(step, int(done), int(total))
+
+
+class OutputError(ValueError):
+    """An output folder that cannot be used (held by another process, or not ours); one line."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole output folders: built aside and swapped in, one writer at a time
+# ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_dir(final: Union[str, os.PathLike], marker: str, flag: str = "--out"):
+    """Build an output folder beside ``final`` and swap it in when the block succeeds.
+
+    A killed or failed step leaves the previous complete folder (or none), never half of one: the
+    new folder is written to a hidden ``.<name>.partial-*`` sibling and renamed into place at the
+    end. An existing ``final`` is replaced only when it holds ``marker``, the file this step
+    writes (so a folder of the user's is never deleted).
+
+    Args:
+        final: the output folder.
+        marker: a file every complete output of this step holds (e.g. "metrics.json").
+        flag: the command-line flag that named the folder, for the error message.
+    Yields:
+        the staging folder to write into.
+    Raises:
+        OutputError: ``final`` exists, is not empty and is not this step's output.
+    """
+    final = Path(final)
+    if final.exists() and (not final.is_dir() or (any(final.iterdir())
+                                                   and not (final / marker).is_file())):
+        raise OutputError(f"{flag} {final}: exists and holds something other than this step's "
+                          f"output (no {marker}); choose another folder or empty it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.partial-*"):   # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield stage
+        if final.exists():
+            trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, trash)
+            os.replace(stage, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(folder: Union[str, os.PathLike], flag: str = "--out"):
+    """Hold ``.<name>.lock`` beside ``folder`` while a step writes it: a second process aiming at
+    the same folder is refused with one line. A lock left by a killed process (its PID no longer
+    runs on this host) is taken over, so a crash never blocks the folder for good.
+
+    Raises:
+        OutputError: another live process holds the folder.
+    """
+    folder = Path(folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{flag} {folder}: cannot create its parent folder "
+                          f"({exc.strerror or type(exc).__name__}); choose a writable folder") from None
+    lock = folder.with_name(f".{folder.name}.lock")
+    me = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid, host = lock.read_text().split()[:2]
+                stale = host == socket.gethostname() and not _alive(int(pid))
+            except (OSError, ValueError):
+                stale = True                      # unreadable: a lock killed while being written
+            if not stale:
+                raise OutputError(f"{flag} {folder}: another process ({pid} on {host}) is writing "
+                                  f"it; wait for it to finish or choose another folder") from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        break
+    else:
+        raise OutputError(f"{flag} {folder}: its lock {lock} could not be taken; remove it if no "
+                          f"other process is writing the folder")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------

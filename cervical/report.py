@@ -472,8 +472,18 @@ def _eval_meta(run: Path, config: dict, data: Path, split: str, external: bool,
 
 def _write_eval_files(out: Path, summary: dict, cells: _EvalCells, prob: np.ndarray,
                       config: dict, run: Path, split: str) -> Dict[str, str]:
-    """The eval folder: metrics.json, predictions.csv, the thesis table (MD/CSV/TeX), figures."""
-    out.mkdir(parents=True, exist_ok=True)
+    """The eval folder: metrics.json, predictions.csv, the thesis table (MD/CSV/TeX), figures.
+
+    Built aside and swapped in whole (files.atomic_dir), one writer at a time: a killed eval
+    leaves the previous complete folder or none.
+    """
+    with files.output_lock(out), files.atomic_dir(out, "metrics.json") as stage:
+        written = _eval_files(stage, summary, cells, prob, config, run, split)
+    return {k: str(out / Path(v).name) for k, v in written.items()}
+
+
+def _eval_files(out: Path, summary: dict, cells: _EvalCells, prob: np.ndarray,
+                config: dict, run: Path, split: str) -> Dict[str, Path]:
     names, pred = cells.names, prob.argmax(axis=1)
     written = {"metrics.json": files.write_json(out / "metrics.json", summary)}
     written["predictions.csv"] = files.write_csv(
@@ -493,7 +503,7 @@ def _write_eval_files(out: Path, summary: dict, cells: _EvalCells, prob: np.ndar
         summary["confusion_matrix"], names, out / "confusion_matrix.png", title=caption)
     written["reliability.png"] = plot_reliability(summary["reliability"], summary["ece"],
                                                   out / "reliability.png", title=label)
-    return {k: str(v) for k, v in written.items()}
+    return written
 
 
 def untested_version_notes(train_versions: Optional[dict], eval_versions: Optional[dict]) -> List[str]:
@@ -903,8 +913,15 @@ def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: s
     published = published if published is not None else load_published()
     records = _collect_runs(run_dirs, split, evaluate_missing, progress)
     groups = _group_runs(records)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    with files.output_lock(final), files.atomic_dir(final, "report.md") as out:
+        _write_report(out, split, records, groups, published)
+    return final / "report.md"
+
+
+def _write_report(out: Path, split: str, records: List[dict], groups: List[dict],
+                  published: dict) -> None:
+    """Every file of the report, into ``out`` (a staging folder swapped in whole)."""
     md = _report_intro(split, records, groups)
     md += _runs_section(records, out)
     for regime in _regimes_present(groups):
@@ -916,7 +933,7 @@ def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: s
     md += _comparison_section(groups, published, out)
     md += _confusion_section(groups, out)
     files.write_json(out / "report.json", _report_json(split, records, groups))
-    return files.write_text(out / "report.md", "\n".join(md))
+    files.write_text(out / "report.md", "\n".join(md))
 
 
 def _collect_runs(run_dirs: Sequence[os.PathLike], split: str, evaluate_missing: bool,

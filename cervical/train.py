@@ -801,6 +801,12 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict:
     """
     cfg = _validate(config)
     inputs = _load_inputs(cfg)                  # every check that can fail comes before writing
+    with files.output_lock(cfg.out):            # one writer per run folder
+        return _train(cfg, inputs, callbacks)
+
+
+def _train(cfg: TrainConfig, inputs: "_Inputs", callbacks: Sequence) -> dict:
+    """The run itself, under the run folder's lock."""
     run, resumed = _prepare_run_folder(cfg)
     record = _run_record(cfg, inputs)
     if not resumed:
