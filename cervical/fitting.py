@@ -342,6 +342,8 @@ class Phase:
         callbacks: extra callbacks, after Control and Checkpoint (PreciseBatchNorm goes first).
         verbose: Keras fit verbosity.
         tensorboard: also write TensorBoard logs to RUN/tensorboard/<name>.
+        learning_rate: when resuming, continue at this rate instead of the checkpoint's (a resume
+            with a saner --lr after a NaN loss).
     """
 
     name: str
@@ -362,6 +364,7 @@ class Phase:
     callbacks: Sequence = ()
     verbose: int = 0
     tensorboard: bool = False
+    learning_rate: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -396,6 +399,8 @@ def run_phase(model, phase: Phase, log: RunLog) -> PhaseResult:
     control = Control(monitor, phase.patience if monitor else 0,
                       phase.lr_patience if monitor else 0, phase.lr_factor, phase.min_lr)
     rows, start, stopped, finished = _restore(folder, model, control, log, phase.name)
+    if start and not finished and phase.learning_rate is not None:
+        model.optimizer.learning_rate = phase.learning_rate
     if finished:
         return _result(rows, control, start, phase.keep)
     if start < phase.epochs and not stopped:
@@ -436,8 +441,10 @@ def _stop_on_nan(model, control: Control, rows: List[dict], folder: Path, name: 
     kept = (f"the last good checkpoint (epoch {done}) is kept in {folder}" if done else
             "no epoch completed")
     lr = float(np.asarray(model.optimizer.learning_rate))
+    then = ("rerun the same command with --resume and a lower --lr (now "
+            f"{lr:.3g})" if done else f"lower --lr (now {lr:.3g}) and rerun, or check the data")
     raise TrainError(f"{name}: loss became NaN at {control.nan}; training stopped and {kept}; "
-                   f"lower --lr (now {lr:.3g}) or check the data")
+                     f"{then}")
 
 
 def _finish(folder: Path, model, control: Control, rows: List[dict], monitor: Optional[str],

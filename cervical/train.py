@@ -76,10 +76,12 @@ CONTRASTIVE_COLUMNS = ("epoch", "loss")
 PRECISE_BN_IMAGES = 1024     # training images behind each BatchNorm re-estimate (PreciseBatchNorm)
 
 # Fields that define a run: a resumed run must agree with the saved config on all of them.
+# (The learning rates may change on --resume: after a NaN loss, resuming with a saner --lr is the
+# way on; the checkpoint's optimizer then continues at the new rate.)
 _RUN_FIELDS = ("data", "model", "regime", "variant", "weights", "freeze", "epochs", "batch_size",
-               "lr", "patience", "lr_patience", "lr_factor", "min_lr", "monitor", "class_weights",
+               "patience", "lr_patience", "lr_factor", "min_lr", "monitor", "class_weights",
                "cost_matrix", "init", "loss", "temperature", "margin", "mining",
-               "contrastive_epochs", "contrastive_lr", "projection_dim", "online_augment",
+               "contrastive_epochs", "projection_dim", "online_augment",
                "contrastive_views", "keep", "precise_bn", "seed", "deterministic",
                "mixed_precision")
 
@@ -809,11 +811,15 @@ def _train(cfg: TrainConfig, inputs: "_Inputs", callbacks: Sequence) -> dict:
     """The run itself, under the run folder's lock."""
     run, resumed = _prepare_run_folder(cfg)
     record = _run_record(cfg, inputs)
-    if not resumed:
-        files.write_json(run / "config.json", record)   # completed once the model exists
     log = fitting.RunLog(run / "train.log")
+    lr_changed = {k: getattr(cfg, k) for k in ("lr", "contrastive_lr")
+                  if resumed and resumed.get(k) != getattr(cfg, k)}
+    if not resumed or lr_changed:
+        files.write_json(run / "config.json", record)   # completed once the model exists
     log(("resuming" if resumed else "starting") + f" {cfg.model} {cfg.regime} on {cfg.data} "
-        f"({len(inputs.tr)} train, {len(inputs.va)} val images)")
+        f"({len(inputs.tr)} train, {len(inputs.va)} val images)"
+        + "".join(f"; --{k.replace('_', '-')} {v} (was {resumed[k]})"
+                  for k, v in lr_changed.items()))
     t_start = time.time()
     with _Session(cfg.seed, cfg.deterministic, cfg.mixed_precision) as session:
         strategy = make_strategy(cfg.strategy)
@@ -825,7 +831,7 @@ def _train(cfg: TrainConfig, inputs: "_Inputs", callbacks: Sequence) -> dict:
         _write_cost_files(cfg, inputs, run)
         with strategy.scope():
             model, result, contrastive_rows = _fit(cfg, inputs, run, record, global_batch, log,
-                                                   callbacks)
+                                                   callbacks, lr_changed)
             final = _inference_model(model)
         _save_model(final, run / "model.keras")
     _plot_history(cfg, run, result, contrastive_rows)
@@ -948,7 +954,7 @@ def _write_cost_files(cfg: TrainConfig, inputs: _Inputs, run: Path) -> None:
 
 
 def _fit(cfg: TrainConfig, inputs: _Inputs, run: Path, record: dict, global_batch: int, log,
-         callbacks: Sequence):
+         callbacks: Sequence, lr_changed: Optional[dict] = None):
     """Build the regime's model (running contrastive phase 1 first), then fit the classifier.
 
     Returns:
@@ -971,7 +977,8 @@ def _fit(cfg: TrainConfig, inputs: _Inputs, run: Path, record: dict, global_batc
                                        freeze=_FREEZE[cfg.freeze], normalization=normalization)
         if cfg.regime == "contrastive":
             contrastive_rows = _contrastive_phase(encoder, cfg, inputs, run, global_batch, steps,
-                                                  bn_images, log, callbacks)
+                                                  bn_images, log, callbacks,
+                                                  (lr_changed or {}).get("contrastive_lr"))
         model = models.build_contrastive_classifier(encoder, len(inputs.class_names),
                                                     train_encoder=cfg.regime == "baseline")
         loss = "categorical_crossentropy"
@@ -980,8 +987,9 @@ def _fit(cfg: TrainConfig, inputs: _Inputs, run: Path, record: dict, global_batc
                    "trainable_params": _count(model.trainable_weights),
                    "total_params": int(model.count_params())})
     files.write_json(run / "config.json", record)
-    result = fitting.run_phase(model, _classifier_phase(cfg, inputs, run, global_batch, steps,
-                                                        bn_images, callbacks), log)
+    phase = _classifier_phase(cfg, inputs, run, global_batch, steps, bn_images, callbacks)
+    phase.learning_rate = (lr_changed or {}).get("lr")
+    result = fitting.run_phase(model, phase, log)
     return model, result, contrastive_rows
 
 
@@ -1025,7 +1033,8 @@ def _classifier_phase(cfg: TrainConfig, inputs: _Inputs, run: Path, global_batch
 
 
 def _contrastive_phase(encoder, cfg: TrainConfig, inputs: _Inputs, run: Path, global_batch: int,
-                       steps: int, bn_images: np.ndarray, log, callbacks) -> List[dict]:
+                       steps: int, bn_images: np.ndarray, log, callbacks,
+                       new_lr: Optional[float] = None) -> List[dict]:
     """Phase 1: encoder + projection head trained with a contrastive loss on two views per image."""
     projector = models.add_projection_head(encoder, cfg.projection_dim,
                                            activation="relu" if cfg.variant == "thesis" else None)
@@ -1044,7 +1053,8 @@ def _contrastive_phase(encoder, cfg: TrainConfig, inputs: _Inputs, run: Path, gl
         history_path=run / "contrastive_history.csv",
         precise_bn=(fitting.PreciseBatchNorm(bn_images, global_batch, "epoch")
                     if cfg.precise_bn else None),
-        callbacks=callbacks, verbose=cfg.verbose, tensorboard=cfg.tensorboard)
+        callbacks=callbacks, verbose=cfg.verbose, tensorboard=cfg.tensorboard,
+        learning_rate=new_lr)
     return fitting.run_phase(projector, phase, log).rows
 
 

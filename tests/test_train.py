@@ -525,9 +525,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_prepared, tmp_path):
         train.train(_config(tiny_prepared, run, epochs=3), callbacks=[Poison()])
     msg = str(err.value)
     assert "NaN" in msg and "epoch 2" in msg and "(epoch 1)" in msg and "\n" not in msg
+    assert "--resume" in msg and "lower --lr" in msg
     state = json.loads((run / "checkpoints" / "classifier" / "state.json").read_text())
     assert state["epochs_done"] == 1 and not (run / "model.keras").exists()
     assert (run / "checkpoints" / "classifier" / "epoch_1.npz").is_file()
+    first = _history(run)
+    # --resume with a saner --lr continues from the last good epoch, at the new rate
+    summary = train.train(_config(tiny_prepared, run, epochs=3, resume=True, lr=1e-4))
+    rows = _history(run)
+    assert len(rows) == 3 and rows[0] == first[0] and summary["epochs_run"] == 3
+    assert [float(r["lr"]) for r in rows[1:]] == [1e-4, 1e-4]
+    assert json.loads((run / "config.json").read_text())["lr"] == 1e-4
+    assert "--lr 0.0001 (was 0.001)" in (run / "train.log").read_text()
 
 
 def test_bad_arguments(tiny_prepared, tmp_path):
