@@ -29,17 +29,45 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _int_at_least(low: int):
-    """argparse type: an integer >= low, checked before any work starts."""
+def _int_in(low: int, limit: str = ""):
+    """argparse type: an integer >= low (and <= cervical.LIMITS[limit]), checked before any work."""
+    from cervical import LIMITS
+
+    high = LIMITS.get(limit)
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
         return value
     parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _float_in(low: float, limit: str = "", low_open: bool = False, high: float = None):
+    """argparse type: a finite number above low (strictly with low_open) and below its limit."""
+    import math
+
+    from cervical import LIMITS
+
+    top = LIMITS.get(limit, high)
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or bad_low or (top is not None and value > top):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'>' if low_open else '>='} {low}"
+                + (f" and <= {top}" if top is not None else "") + f", got {text}")
+        return value
+    parse.__name__ = "number"
     return parse
 
 
@@ -67,7 +95,7 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                         "(default: 5class, herlev 7class)")
     p.add_argument("--class-map", default=None, metavar="FILE.json",
                    help="JSON {folder class: task class}; overrides --task (default: none)")
-    p.add_argument("--size", type=int, default=110, help="target side in pixels (default: %(default)s)")
+    p.add_argument("--size", type=_int_in(8, "size"), default=110, help="target side in pixels (default: %(default)s)")
     p.add_argument("--variant", choices=["standard", "thesis"], default="standard",
                    help="defaults of the options below: ours, or what the study's code did "
                         "(stretch, nearest, its exact split, augment raw crops in BGR order with "
@@ -87,28 +115,28 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fill", choices=["border", "black"], default=None,
                    help="gaps left by rotations and shifts: the crop's border colour, or black as "
                         "the study's imgaug (default: border)")
-    p.add_argument("--jpeg-quality", type=_int_at_least(0), default=None, metavar="Q",
+    p.add_argument("--jpeg-quality", type=_int_in(0, "jpeg_quality"), default=None, metavar="Q",
                    help="JPEG-recompress every image at quality Q as the study did (95); 0 = off "
                         "(default: 0)")
     p.add_argument("--augment-order", choices=["rgb", "bgr"], default=None,
                    help="channel order the augmenters see; bgr reproduces the study's OpenCV "
                         "arrays (changes CLAHE/gamma, Canny and colour copies) (default: rgb)")
-    p.add_argument("--folds", type=_int_at_least(0), default=0,
+    p.add_argument("--folds", type=_int_in(0, "folds"), default=0,
                    help="K > 1: grouped stratified K-fold, one prepared folder per fold "
                         "(default: %(default)s = single split)")
-    p.add_argument("--augment", type=_int_at_least(0), default=6,
+    p.add_argument("--augment", type=_int_in(0, "augment"), default=6,
                    help="augmented copies per train image (6 gives the study's x7, 2589 -> 18123; "
                         "0 disables) (default: %(default)s)")
-    p.add_argument("--seed", type=_int_at_least(0), default=42, help="split/augmentation seed (default: %(default)s)")
+    p.add_argument("--seed", type=_int_in(0, "seed"), default=42, help="split/augmentation seed (default: %(default)s)")
     p.add_argument("--hard", dest="synthetic", action="store_const", const="hard",
                    default="default",
                    help="synthetic only: overlapping classes and strongly clustered imaging "
                         "conditions, the setting in which a cell-level split can leak (default: "
                         "the easy set)")
-    p.add_argument("--per-class", type=_int_at_least(0), default=None,
+    p.add_argument("--per-class", type=_int_in(0, "per_class"), default=None,
                    help="synthetic only: cells per class (default: 120; 'full' sizes via "
                         "--per-class 0 = the real SIPaKMeD counts)")
-    p.add_argument("--workers", type=_int_at_least(0), default=0,
+    p.add_argument("--workers", type=_int_in(0, "workers"), default=0,
                    help="worker processes for decoding and augmentation (default: 0 = all cores)")
     p.add_argument("--no-images", action="store_true",
                    help="write only the array cache and manifest, not one PNG per image")
@@ -157,22 +185,22 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze", choices=["auto", "study", "none"], default="auto",
                    help="freeze the study's first 13/17/86/100/249 backbone layers; auto: only "
                         "with pretrained weights (default: %(default)s)")
-    p.add_argument("--epochs", type=_int_at_least(1), default=50,
+    p.add_argument("--epochs", type=_int_in(1, "epochs"), default=50,
                    help="maximum classifier epochs (default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32,
+    p.add_argument("--batch-size", type=_int_in(1, "batch_size"), default=32,
                    help="images per device per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=_float_in(0.0, "lr", low_open=True), default=None,
                    help="Adam learning rate (default: 1e-3 finetune/cost-sensitive, 1e-4 "
                         "contrastive/baseline)")
-    p.add_argument("--patience", type=_int_at_least(0), default=None,
+    p.add_argument("--patience", type=_int_in(0, "patience"), default=None,
                    help="early-stopping patience on --monitor, 0 = off (default: 3; 0 for the two "
                         "study runs without early stopping under --variant thesis)")
-    p.add_argument("--lr-patience", type=_int_at_least(0), default=2,
+    p.add_argument("--lr-patience", type=_int_in(0, "patience"), default=2,
                    help="epochs without improvement before the LR is reduced, 0 = off "
                         "(default: %(default)s)")
-    p.add_argument("--lr-factor", type=float, default=0.2, help="LR reduction factor "
+    p.add_argument("--lr-factor", type=_float_in(0.0, low_open=True, high=0.999), default=0.2, help="LR reduction factor "
                    "(default: %(default)s)")
-    p.add_argument("--min-lr", type=float, default=1e-5, help="LR floor (default: %(default)s)")
+    p.add_argument("--min-lr", type=_float_in(0.0, "lr"), default=1e-5, help="LR floor (default: %(default)s)")
     p.add_argument("--monitor", choices=["val_loss", "val_accuracy", "loss"], default=None,
                    help="quantity for early stopping, LR schedule and best-epoch selection "
                         "(default: val_loss; the training loss under --variant thesis for the "
@@ -192,16 +220,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=["npairs", "supcon", "triplet"], default=None,
                    help="contrastive loss (default: supcon; npairs, the study's, under "
                         "--variant thesis)")
-    p.add_argument("--temperature", type=float, default=0.05,
+    p.add_argument("--temperature", type=_float_in(0.0, "temperature", low_open=True), default=0.05,
                    help="contrastive temperature (default: %(default)s)")
-    p.add_argument("--margin", type=float, default=0.2, help="triplet margin (default: %(default)s)")
+    p.add_argument("--margin", type=_float_in(0.0, "margin"), default=0.2, help="triplet margin (default: %(default)s)")
     p.add_argument("--mining", choices=["semi_hard", "batch_hard", "batch_all"],
                    default="semi_hard", help="triplet mining (default: %(default)s)")
-    p.add_argument("--contrastive-epochs", type=_int_at_least(0), default=50,
+    p.add_argument("--contrastive-epochs", type=_int_in(1, "epochs"), default=50,
                    help="phase-1 epochs (default: %(default)s)")
-    p.add_argument("--contrastive-lr", type=float, default=1e-4,
+    p.add_argument("--contrastive-lr", type=_float_in(0.0, "lr", low_open=True), default=1e-4,
                    help="phase-1 learning rate (default: %(default)s)")
-    p.add_argument("--projection-dim", type=_int_at_least(1), default=128,
+    p.add_argument("--projection-dim", type=_int_in(1, "projection_dim"), default=128,
                    help="projection head width (default: %(default)s)")
     p.add_argument("--online-augment", nargs="?", const="light", default=None,
                    choices=["none", "light", "study"],
@@ -212,11 +240,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contrastive-views", type=int, choices=[1, 2], default=None,
                    help="augmented views per image in contrastive phase 1 (default: 2; 1 under "
                         "--variant thesis, as the study)")
-    p.add_argument("--precise-bn", type=_int_at_least(0), default=None, metavar="N",
+    p.add_argument("--precise-bn", type=_int_in(0, "precise_bn"), default=None, metavar="N",
                    help="re-estimate BatchNorm statistics on N training images before every "
                         "validation, 0 = Keras' moving averages (default: 1024; 0 with "
                         "--variant thesis, as the study)")
-    p.add_argument("--seed", type=_int_at_least(0), default=42, help="run seed (default: %(default)s)")
+    p.add_argument("--seed", type=_int_in(0, "seed"), default=42, help="run seed (default: %(default)s)")
     p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                    help="allow non-deterministic TensorFlow ops (faster on some GPUs)")
     p.add_argument("--strategy", choices=["auto", "default", "mirrored", "multiworker"],
@@ -259,10 +287,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="split to evaluate; augmented copies are left out (default: %(default)s)")
     p.add_argument("--out", default=None,
                    help="output folder (default: RUN/eval/SPLIT, or RUN/eval/external-NAME-SPLIT with --data)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--n-boot", type=_int_at_least(0), default=1000,
+    p.add_argument("--batch-size", type=_int_in(1, "batch_size"), default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--n-boot", type=_int_in(0, "n_boot"), default=1000,
                    help="bootstrap resamples for the 95%% intervals; 0 disables (default: %(default)s)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--seed", type=_int_in(0, "seed"), default=0, help="bootstrap seed (default: %(default)s)")
 
 
 def run_eval(args) -> int:
@@ -304,7 +332,7 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                    help="gradcam gradcam++ layercam scorecam faster-scorecam lime, or all; space- or "
                         "comma-separated (default: all)")
-    p.add_argument("--per-class", type=_int_at_least(1), default=1,
+    p.add_argument("--per-class", type=_int_in(1, "per_class_shown"), default=1,
                    help="most confident correct and wrong cells shown per class (default: %(default)s)")
     p.add_argument("--out", default=None,
                    help="output folder (default: RUN/explain/SPLIT, RUN/explain/images with --images)")
@@ -318,21 +346,21 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluate", action="store_true",
                    help="also measure deletion/insertion AUC, nucleus/cell energy share and pointing "
                         "game, time per cell and the randomisation sanity check")
-    p.add_argument("--n-eval", type=_int_at_least(1), default=50,
+    p.add_argument("--n-eval", type=_int_in(1, "n_eval"), default=50,
                    help="cells in the --evaluate metrics (default: %(default)s)")
-    p.add_argument("--n-sanity", type=_int_at_least(0), default=5,
+    p.add_argument("--n-sanity", type=_int_in(0, "n_sanity"), default=5,
                    help="cells in the randomisation sanity check; 0 skips it (default: %(default)s)")
-    p.add_argument("--sanity-blocks", type=_int_at_least(1), default=5,
+    p.add_argument("--sanity-blocks", type=_int_in(1, "sanity_blocks"), default=5,
                    help="cascading randomisation steps, output to input (default: %(default)s)")
-    p.add_argument("--lime-samples", type=_int_at_least(2), default=1000,
+    p.add_argument("--lime-samples", type=_int_in(2, "lime_samples"), default=1000,
                    help="LIME perturbed images per cell (default: %(default)s)")
-    p.add_argument("--lime-segments", type=_int_at_least(1), default=50,
+    p.add_argument("--lime-segments", type=_int_in(1, "lime_segments"), default=50,
                    help="LIME SLIC superpixels (default: %(default)s)")
-    p.add_argument("--max-n", type=_int_at_least(1), default=10,
+    p.add_argument("--max-n", type=_int_in(1, "max_n"), default=10,
                    help="Faster-Score-CAM channels (default: %(default)s)")
-    p.add_argument("--tolerance", type=float, default=0.0,
+    p.add_argument("--tolerance", type=_float_in(0.0, "tolerance"), default=0.0,
                    help="pointing-game tolerance in pixels (default: %(default)s)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0,
+    p.add_argument("--seed", type=_int_in(0, "seed"), default=0,
                    help="seed of LIME, of the evaluated cells and of the randomisation (default: %(default)s)")
 
 
@@ -369,17 +397,17 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
                    help="the model both protocols train (default: %(default)s)")
     p.add_argument("--regime", choices=["finetune", "cost-sensitive", "contrastive", "baseline"],
                    default="finetune", help="training regime (default: %(default)s)")
-    p.add_argument("--seeds", type=_int_at_least(1), default=3,
+    p.add_argument("--seeds", type=_int_in(1, "seeds"), default=3,
                    help="runs per protocol (default: %(default)s)")
-    p.add_argument("--folds", type=_int_at_least(0), default=0,
+    p.add_argument("--folds", type=_int_in(0, "folds"), default=0,
                    help="K >= 2: the corrected protocol is grouped K-fold (default: seeds)")
-    p.add_argument("--epochs", type=_int_at_least(1), default=50,
+    p.add_argument("--epochs", type=_int_in(1, "epochs"), default=50,
                    help="maximum epochs (default: %(default)s, the study's)")
-    p.add_argument("--size", type=_int_at_least(8), default=110,
+    p.add_argument("--size", type=_int_in(8, "size"), default=110,
                    help="image side (default: %(default)s)")
-    p.add_argument("--augment", type=_int_at_least(0), default=6,
+    p.add_argument("--augment", type=_int_in(0, "augment"), default=6,
                    help="augmented copies per training image (default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32,
+    p.add_argument("--batch-size", type=_int_in(1, "batch_size"), default=32,
                    help="images per step (default: %(default)s)")
     p.add_argument("--weights", default=None,
                    help="backbone weights: imagenet | none | FILE (default: train's)")
@@ -387,10 +415,10 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
                    default="hard",
                    help="generated data: the easy default set instead of the hard one, in which "
                         "cluster images differ strongly and classes overlap")
-    p.add_argument("--per-class", type=_int_at_least(0), default=0,
+    p.add_argument("--per-class", type=_int_in(0, "per_class"), default=0,
                    help="generated data: cells per class; 0 = SIPaKMeD's 4049 with the study's "
                         "file names (default: %(default)s)")
-    p.add_argument("--n-boot", type=_int_at_least(0), default=1000,
+    p.add_argument("--n-boot", type=_int_in(0, "n_boot"), default=1000,
                    help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--out", default="outputs/audit", help="audit folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
@@ -417,7 +445,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                    help="demo folder; an earlier demo there is replaced (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="much smaller data and fewer epochs (a smoke test, under a minute)")
-    p.add_argument("--seed", type=_int_at_least(0), default=42, help="seed of every step (default: %(default)s)")
+    p.add_argument("--seed", type=_int_in(0, "seed"), default=42, help="seed of every step (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it holds something other than an earlier demo")
 
@@ -458,7 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:            # a bad flag (one line already printed) or --help
+        return int(exc.code or 0)
     if not args.command:
         parser.print_help()
         return 2

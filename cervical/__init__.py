@@ -15,6 +15,18 @@ Modules (flat on purpose, each readable on its own):
 
 __version__ = "0.1.0"
 
+#: Upper limits of the numeric arguments, checked by the command line and by the library alike:
+#: far above any sensible value, low enough that a typo (an extra zero) fails at once instead of
+#: running for days or exhausting memory.
+LIMITS = {
+    "size": 4096, "augment": 100, "per_class": 100_000, "folds": 100, "workers": 256,
+    "epochs": 100_000, "batch_size": 65_536, "patience": 10_000, "projection_dim": 65_536,
+    "precise_bn": 1_000_000, "lr": 10.0, "temperature": 100.0, "margin": 100.0,
+    "n_boot": 1_000_000, "per_class_shown": 1000, "n_eval": 100_000, "n_sanity": 10_000,
+    "sanity_blocks": 1000, "lime_samples": 1_000_000, "lime_segments": 10_000, "max_n": 100_000,
+    "tolerance": 10_000.0, "seeds": 100, "seed": 2 ** 32 - 1, "jpeg_quality": 100,
+}
+
 
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with file descriptor 2 muted (the command line's start-up).

@@ -150,8 +150,8 @@ def run_audit(config: AuditConfig, progress: Optional[files.Progress] = None,
 
 def _run(cfg: AuditConfig, progress, say) -> dict:
     out = Path(cfg.out)
+    raw, study_split = _raw_data(cfg, out, say)         # refuses bad data before writing
     out.mkdir(parents=True, exist_ok=True)
-    raw, study_split = _raw_data(cfg, out, say)
     pairs = cfg.folds or cfg.seeds
     runs: List[dict] = []
     for k in range(pairs):
@@ -175,11 +175,15 @@ def _check(config: AuditConfig) -> AuditConfig:
                          f"images in the file names); choose sipakmed or synthetic")
     if cfg.dataset == "sipakmed" and not cfg.data_dir:
         raise AuditError("--data-dir: required with --dataset sipakmed (the unpacked SIPaKMeD)")
+    from cervical import LIMITS
+
     for name, low in (("seeds", 1), ("folds", 0), ("epochs", 1), ("size", 8), ("augment", 0),
                       ("batch_size", 1), ("per_class", 0), ("n_boot", 0)):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise AuditError(f"--{name.replace('_', '-')} {value!r}: must be an integer >= {low}")
+        value, high = getattr(cfg, name), LIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                or not low <= value <= high:
+            raise AuditError(f"--{name.replace('_', '-')} {value!r}: must be an integer {low} to "
+                             f"{high}")
     if cfg.folds == 1:
         raise AuditError("--folds 1: a K-fold audit needs K >= 2 (or --folds 0 and --seeds N)")
     return cfg

@@ -643,7 +643,7 @@ def fingerprint_files(paths: Iterable[os.PathLike], root: os.PathLike) -> str:
             rel = p.relative_to(root).as_posix()
         except ValueError:
             rel = p.name
-        h.update(rel.encode() + b"\0")
+        h.update(os.fsencode(rel) + b"\0")     # bytes of the name, whatever its encoding
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 
@@ -813,6 +813,10 @@ def split_folds(labels: Sequence[int], groups: Sequence[str], k: int, seed: int 
     return out
 
 
+#: A class or stem name in a split manifest: no path separators, no "..", nothing hidden.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]*")
+
+
 def split_from_manifest(records: Sequence[Record], csv_path: os.PathLike) -> np.ndarray:
     """Exact split membership from a CSV with columns ``split,class,stem`` (the study's own:
     data/splits/thesis_split.csv). Class is the folder class (SIPaKMeD name without "im_").
@@ -830,7 +834,16 @@ def split_from_manifest(records: Sequence[Record], csv_path: os.PathLike) -> np.
                         f"check the path") from None
     if not rows or not {"split", "class", "stem"} <= set(rows[0]):
         raise DataError(f"--split manifest:{csv_path}: needs columns split,class,stem")
-    table = {(r["class"], r["stem"]): r["split"] for r in rows}
+    table: Dict[Tuple[str, str], str] = {}
+    for lineno, r in enumerate(rows, 2):
+        key = (r["class"], r["stem"])
+        if not _SAFE_NAME.fullmatch(str(r["stem"])) or not _SAFE_NAME.fullmatch(str(r["class"])):
+            raise DataError(f"--split manifest:{csv_path}:{lineno}: {r['class']}/{r['stem']!r} is "
+                            f"not a plain class and file stem (no paths); fix the CSV")
+        if key in table:
+            raise DataError(f"--split manifest:{csv_path}:{lineno}: duplicate row for "
+                            f"{key[0]}/{key[1]}; list every cell once")
+        table[key] = r["split"]
     bad = sorted({r["split"] for r in rows} - set(SPLITS))
     if bad:
         raise DataError(f"{csv_path}: unknown split value {bad[0]!r}; use train, val or test")
@@ -882,8 +895,45 @@ def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"), dtype=np.uint8)
 
 
-def _read_raw(rec: "Record", jpeg_quality: int = 0) -> Tuple[str, object]:
+def _unsafe_file(rec: "Record", root: Optional[Path]) -> Optional[str]:
+    """Why a record must be skipped before it is read: a name that is not UTF-8 (it cannot be
+    written to manifest.csv), or a file that is a link leaving the data folder."""
+    try:
+        str(rec.path).encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"{os.fsdecode(os.fsencode(rec.path)).encode('utf-8', 'backslashreplace').decode()}: "
+                f"file name is not valid UTF-8; rename it")
+    if root is not None:
+        base = Path(root).resolve()
+        for p in (rec.path, rec.nucleus, rec.cytoplasm, rec.mask_image):
+            if p is not None and base not in Path(p).resolve().parents:
+                return (f"{p}: links to {Path(p).resolve()}, outside --data-dir {root}; copy the "
+                        f"file into the data folder or remove the link")
+    return None
+
+
+def _contour_inside(path: Path, shape: Tuple[int, int]) -> np.ndarray:
+    """parse_dat, and refuse a contour far outside the image (it belongs to another image).
+
+    Contours may touch or slightly cross the crop edge (a cell cut by the crop): a margin of
+    max(5 px, 10 % of the longer side) is allowed.
+    """
+    poly = parse_dat(path)
+    h, w = shape
+    margin = max(5.0, 0.1 * max(h, w))
+    if (np.any(poly < -margin) or np.any(poly[:, 0] > w - 1 + margin)
+            or np.any(poly[:, 1] > h - 1 + margin)):
+        raise DataError(f"{path}: contour points lie outside the {w}x{h} image; it belongs to "
+                        f"another image: fix or delete the contour file")
+    return poly
+
+
+def _read_raw(rec: "Record", jpeg_quality: int = 0, root: Optional[Path] = None
+              ) -> Tuple[str, object]:
     """Decode one record at its raw size with its label mask: ("ok", (img, mask)) or an error."""
+    unsafe = _unsafe_file(rec, root)
+    if unsafe:
+        return "skip", unsafe
     try:
         img = decode_rgb(rec.path)
     except DataError as exc:
@@ -892,8 +942,8 @@ def _read_raw(rec: "Record", jpeg_quality: int = 0) -> Tuple[str, object]:
     mask = None
     try:
         if rec.nucleus is not None or rec.cytoplasm is not None:
-            nuc = parse_dat(rec.nucleus) if rec.nucleus is not None else None
-            cyt = parse_dat(rec.cytoplasm) if rec.cytoplasm is not None else None
+            nuc = _contour_inside(rec.nucleus, (h, w)) if rec.nucleus is not None else None
+            cyt = _contour_inside(rec.cytoplasm, (h, w)) if rec.cytoplasm is not None else None
             mask = label_mask_from_contours(nuc, cyt, (h, w))
         elif rec.mask_image is not None:
             mask = herlev_label_mask(rec.mask_image)
@@ -910,8 +960,8 @@ def _load_record(job) -> Tuple[str, object]:
 
     Returns ("ok", (image, mask, (raw width, raw height))), or ("skip" | "fatal", message).
     """
-    rec, size, mode, interpolation, jpeg_quality = job
-    status, payload = _read_raw(rec, jpeg_quality)
+    rec, size, mode, interpolation, jpeg_quality, root = job
+    status, payload = _read_raw(rec, jpeg_quality, root)
     if status != "ok":
         return status, payload
     img, mask = payload
@@ -1229,7 +1279,7 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
     chosen = {k: PREPARE_VARIANTS[variant][k] if v is None else v for k, v in given.items()}
     if variant == "thesis" and split is None and dataset not in ("sipakmed", "synthetic", "auto"):
         chosen["split"] = "thesis"          # no SIPaKMeD file names: the study's rule instead
-    _check_prepare_numbers(size, augment, chosen)
+    _check_prepare_numbers(size, augment, chosen, folds, per_class)
     split_kind, manifest_csv = resolve_split_spec(chosen["split"])
     if folds and split_kind != "grouped":
         raise DataError("--folds: K-fold splits are grouped; drop --split or use --split grouped")
@@ -1252,11 +1302,18 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
     return summary
 
 
-def _check_prepare_numbers(size: int, augment: int, chosen: dict) -> None:
-    if size < MIN_SIDE:
-        raise DataError(f"--size {size}: too small; use at least {MIN_SIDE} (the study used 110)")
-    if augment < 0:
-        raise DataError(f"--augment {augment}: must be 0 or more")
+def _check_prepare_numbers(size: int, augment: int, chosen: dict, folds: int = 0,
+                           per_class: Optional[int] = None) -> None:
+    from cervical import LIMITS
+
+    if size < MIN_SIDE or size > LIMITS["size"]:
+        raise DataError(f"--size {size}: use {MIN_SIDE} to {LIMITS['size']} (the study used 110)")
+    if augment < 0 or augment > LIMITS["augment"]:
+        raise DataError(f"--augment {augment}: must be 0 to {LIMITS['augment']}")
+    if folds == 1 or folds < 0 or folds > LIMITS["folds"]:
+        raise DataError(f"--folds {folds}: use 0 (one split) or 2 to {LIMITS['folds']} folds")
+    if per_class is not None and not 0 <= per_class <= LIMITS["per_class"]:
+        raise DataError(f"--per-class {per_class}: must be 0 to {LIMITS['per_class']}")
     for flag, allowed in (("augment_at", ("target", "raw")), ("fill", ("border", "black")),
                           ("augment_order", ("rgb", "bgr"))):
         if chosen[flag] not in allowed:
@@ -1338,7 +1395,8 @@ def _read_records(raw: _RawSource, opts: PrepareOptions):
 def _decode_cells(records: List[Record], class_names: List[str], raw: _RawSource,
                   opts: PrepareOptions) -> _Cells:
     """Decode, mask and resize every record (in parallel, in a fixed order); skip unreadable ones."""
-    jobs = [(r, opts.size, opts.resize, opts.interpolation, opts.jpeg_quality) for r in records]
+    jobs = [(r, opts.size, opts.resize, opts.interpolation, opts.jpeg_quality, raw.data_dir)
+            for r in records]
     results = _pool_map(_load_record, jobs, opts.workers, opts.progress, "decode+resize")
     fatal = [msg for status, msg in results if status == "fatal"]
     if fatal:
@@ -1453,7 +1511,7 @@ def _write_skipped(stage: Path, skipped: List[Tuple[Record, str]], raw: _RawSour
     if skipped:
         (stage / "skipped.txt").write_text("".join(
             f"{raw.final_path(r.path)}\t{msg.replace(str(r.path), str(raw.final_path(r.path)))}\n"
-            for r, msg in skipped))
+            for r, msg in skipped), encoding="utf-8", errors="backslashreplace")
 
 
 def _prepare_summary(stage: Path, fold_infos: List[dict], info: dict, class_names: List[str],

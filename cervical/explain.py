@@ -142,9 +142,7 @@ def load_run(run_dir: Union[str, os.PathLike]) -> Tuple[Any, Dict[str, Any]]:
     Raises:
         ExplainError: no such folder, no model, an unreadable config or a model that does not load.
     """
-    import keras
-
-    import cervical.models  # noqa: F401 - registers the layers of models saved by older versions
+    from cervical import models
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -152,20 +150,11 @@ def load_run(run_dir: Union[str, os.PathLike]) -> Tuple[Any, Dict[str, Any]]:
     model_file = run / "model.keras"
     if not model_file.is_file():
         raise ExplainError(f"--run {run}: no model.keras in it; train a model there first ('python cli.py train --out {run}')")
-    config: Dict[str, Any] = {}
-    config_file = run / "config.json"
-    if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ExplainError(f"{config_file}: unreadable ({type(exc).__name__}); restore or delete it") from None
-        if not isinstance(config, dict):
-            raise ExplainError(f"{config_file}: expected a JSON object (a run's config.json); restore or delete it")
     try:
-        model = keras.models.load_model(model_file, safe_mode=True)
-    except Exception as exc:  # Keras raises many types for a broken or foreign file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ExplainError(f"{model_file}: cannot load the model ({type(exc).__name__}: {first[:200]}); retrain or check the file") from None
+        config = files.read_run_config(run)
+        model = models.load_model_file(model_file)
+    except (files.OutputError, models.ModelError) as exc:
+        raise ExplainError(str(exc)) from None
     return model, config
 
 
@@ -469,10 +458,14 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
         cervical.data.DataError: the dataset named by the run (or ``data_dir``) cannot be read.
     """
     methods = parse_methods(methods)
-    _check_args(images, evaluate, {"--per-class": (per_class, 1), "--n-eval": (n_eval, 1),
-                                   "--lime-samples": (lime_samples, 2),
-                                   "lime_features": (lime_features, 1), "max_n": (max_n, 1),
-                                   "--n-sanity": (n_sanity, 0)})
+    _check_args(images, evaluate, tolerance,
+                {"--per-class": (per_class, 1, "per_class_shown"), "--n-eval": (n_eval, 1, "n_eval"),
+                 "--lime-samples": (lime_samples, 2, "lime_samples"),
+                 "--lime-segments": (lime_segments, 1, "lime_segments"),
+                 "lime_features": (lime_features, 1, "lime_segments"),
+                 "--max-n": (max_n, 1, "max_n"), "--n-sanity": (n_sanity, 0, "n_sanity")})
+    if out_dir is not None:
+        files.check_output_dir(out_dir, "cells.json")
     model, config = load_run(run_dir)
     cam_layer = choose_cam_layer(model, layer, config) if set(methods) - {"lime"} else None
     target = (_image_target(model, config, run_dir, images, out_dir, data_dir) if images else
@@ -500,11 +493,23 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
             "metrics": metrics}
 
 
-def _check_args(images, evaluate: bool, numbers: Dict[str, Tuple[Any, int]]) -> None:
+def _check_args(images, evaluate: bool, tolerance: float,
+                numbers: Dict[str, Tuple[Any, int, str]]) -> None:
     """Every argument check that needs no model (so bad input fails before the slow load)."""
-    for name, (value, minimum) in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ExplainError(f"{name} {value!r}: must be an integer >= {minimum}")
+    import math
+
+    from cervical import LIMITS
+
+    for name, (value, minimum, limit) in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                or not minimum <= value <= LIMITS[limit]:
+            raise ExplainError(f"{name} {value!r}: must be an integer {minimum} to {LIMITS[limit]}")
+    try:
+        tol = float(tolerance)
+    except (TypeError, ValueError):
+        tol = float("nan")
+    if not math.isfinite(tol) or not 0 <= tol <= LIMITS["tolerance"]:
+        raise ExplainError(f"--tolerance {tolerance!r}: must be a number 0 to {LIMITS['tolerance']}")
     if images and evaluate:
         raise ExplainError("--evaluate: needs a labelled split, not --images; run them separately")
     for p in images or []:
@@ -544,6 +549,10 @@ def _split_target(model: Any, config: dict, run_dir, split: str, per_class: int,
                            f"(the prepared dataset)")
     part = data.load_split(ddir, split)
     class_names = list(config.get("class_names") or info.get("class_names") or part.class_names)
+    want = tuple(model.input_shape[1:3])
+    if None not in want and want != tuple(part.x.shape[1:3]):
+        raise ExplainError(f"--data {ddir}: holds {part.x.shape[1]}x{part.x.shape[2]} images, the "
+                           f"model takes {want[0]}x{want[1]}; prepare the data with --size {want[0]}")
     probs = models.predict_proba(model, part.x)
     if probs.shape[1] != len(class_names):
         raise ExplainError(f"--run {run_dir}: the model has {probs.shape[1]} outputs but the data "

@@ -29,7 +29,9 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-__all__ = ["Progress", "report_progress", "OutputError", "atomic_dir", "output_lock",
+__all__ = ["Progress", "report_progress", "OutputError", "atomic_dir", "check_output_dir",
+           "output_lock",
+           "read_run_config", "RUN_CONFIG_TYPES",
            "write_bytes", "write_text", "write_json", "to_json",
            "write_csv", "save_figure", "save_png", "save_npz", "RESULT_LIBRARIES",
            "CONSTRAINTS_FILE", "library_versions", "tested_versions", "untested_versions",
@@ -53,6 +55,16 @@ class OutputError(ValueError):
 # Whole output folders: built aside and swapped in, one writer at a time
 # ------------------------------------------------------------------------------------------------
 
+def check_output_dir(final: Union[str, os.PathLike], marker: str, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder that holds something other than this step's
+    output (a folder without ``marker``), or a file in its place (see ``atomic_dir``)."""
+    final = Path(final)
+    if final.exists() and (not final.is_dir() or (any(final.iterdir())
+                                                   and not (final / marker).is_file())):
+        raise OutputError(f"{flag} {final}: exists and holds something other than this step's "
+                          f"output (no {marker}); choose another folder or empty it")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Union[str, os.PathLike], marker: str, flag: str = "--out"):
     """Build an output folder beside ``final`` and swap it in when the block succeeds.
@@ -72,10 +84,7 @@ def atomic_dir(final: Union[str, os.PathLike], marker: str, flag: str = "--out")
         OutputError: ``final`` exists, is not empty and is not this step's output.
     """
     final = Path(final)
-    if final.exists() and (not final.is_dir() or (any(final.iterdir())
-                                                   and not (final / marker).is_file())):
-        raise OutputError(f"{flag} {final}: exists and holds something other than this step's "
-                          f"output (no {marker}); choose another folder or empty it")
+    check_output_dir(final, marker, flag)
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.partial-*"):   # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -248,6 +257,45 @@ def save_npz(path: Union[str, os.PathLike], arrays: Mapping[str, np.ndarray],
     buf = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buf, **arrays)
     return write_bytes(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a run folder's config.json (written by train, read by every later step)
+# ------------------------------------------------------------------------------------------------
+
+#: The config.json keys later steps rely on, with the type each must have.
+RUN_CONFIG_TYPES = {"class_names": list, "data_dir": str, "model": str, "regime": str,
+                    "variant": str, "image_size": int, "feature_layer": str, "versions": dict,
+                    "seed": int, "loss": str, "split_protocol": str, "heldout_signature": str}
+
+
+def read_run_config(run: Union[str, os.PathLike], required: bool = False) -> dict:
+    """A run folder's config.json, checked: {} when absent (unless ``required``).
+
+    Raises:
+        OutputError: unreadable, not a JSON object, or a known key of the wrong type (one line
+            naming the file and the key).
+    """
+    f = Path(run) / "config.json"
+    if not f.is_file():
+        if required:
+            raise OutputError(f"{f}: missing; pass a run folder written by 'python cli.py train'")
+        return {}
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OutputError(f"{f}: unreadable ({type(exc).__name__}); restore it from the run or "
+                          f"retrain") from None
+    if not isinstance(config, dict):
+        raise OutputError(f"{f}: not a JSON object (a run's config.json); restore it or retrain")
+    for key, kind in RUN_CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
+                                  or (key == "class_names"
+                                      and not all(isinstance(c, str) for c in value))):
+            raise OutputError(f"{f}: '{key}' should be {'a list of names' if kind is list else 'a ' + kind.__name__}, "
+                              f"not {type(value).__name__}; restore the file or retrain")
+    return config
 
 
 # ------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ __all__ = ["ModelError", "WeightsError", "BackboneSpec", "BACKBONES", "MODEL_NAM
            "build_contrastive_classifier", "feature_layer_name", "check_input_size",
            "keras_cache_dir", "imagenet_weights_file", "resolve_weights", "study_layer_names",
            "preprocess_mode", "preprocess_layer", "preprocessing_of", "predict_proba",
-           "as_probabilities"]
+           "as_probabilities", "load_model_file"]
 
 VARIANTS = ("standard", "thesis")
 TINY_MIN_SIZE = 8            # a stride-2 conv and two 2x2 poolings leave at least a 1x1 map
@@ -713,3 +713,30 @@ def predict_proba(model: keras.Model, x, batch_size: int = 64, progress=None) ->
         if progress is not None:
             progress("predict", min(start + batch_size, n), n)
     return as_probabilities(np.concatenate(out) if out else np.zeros((0, 0)))
+
+
+def load_model_file(path, flag: str = "--run") -> keras.Model:
+    """Load a run's model.keras in safe mode (no code from the file is run), or fail in one line.
+
+    A file holding a ``Lambda`` layer (Python code) is refused, so is a truncated or foreign
+    archive. Models of earlier versions of this package load too (their ``Preprocess`` layer is
+    registered by this module).
+
+    Raises:
+        ModelError: missing, unreadable, or refused file (the message names it and the fix).
+    """
+    from pathlib import Path as _Path
+
+    path = _Path(path)
+    if not path.is_file():
+        raise ModelError(f"{flag} {path.parent}: no model.keras; train a model there first")
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad archive
+        text = str(exc).strip()
+        if "Lambda" in text or "lambda" in text:
+            raise ModelError(f"{path}: refused: it holds a Lambda layer (Python code), which safe "
+                             f"mode does not run; rebuild the model from stock Keras layers") from None
+        first = (text.splitlines() or [""])[0][:160]
+        raise ModelError(f"{path}: cannot be loaded ({type(exc).__name__}: {first}); retrain the "
+                         f"run or check the file") from None

@@ -208,33 +208,13 @@ def _fold_of(config: dict, info: dict, data_dir: Optional[str]) -> Tuple[Optiona
 # evaluation of one run
 # --------------------------------------------------------------------------------------------
 def _read_config(run: Path) -> dict:
-    f = run / "config.json"
-    if not f.is_file():
-        return {}
-    try:
-        config = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{f}: unreadable ({type(exc).__name__}); fix or remove it") from None
-    if not isinstance(config, dict):
-        raise ReportError(f"{f}: expected a JSON object (a run's config.json); fix or remove it")
-    return config
+    return files.read_run_config(run)
 
 
 def _load_model(path: Path):
-    """keras.models.load_model in safe mode, after importing the modules that register our layers."""
-    import keras
+    from cervical import models
 
-    for mod in ("cervical.models", "cervical.losses"):
-        try:
-            __import__(mod)
-        except ImportError:
-            pass
-    try:
-        return keras.models.load_model(path)
-    except Exception as exc:  # noqa: BLE001 - Keras raises many types; report one line
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise ReportError(f"{path}: cannot be loaded ({type(exc).__name__}: {first}); "
-                          f"retrain the run or check the Keras version") from None
+    return models.load_model_file(path)
 
 
 def classification_table(summary: dict) -> Tuple[List[str], List[List[str]]]:
@@ -394,13 +374,21 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
             or a model whose output size differs from the number of classes.
         cervical.data.DataError: the prepared dataset is missing, broken or the split is empty.
     """
-    from cervical import models
+    from cervical import LIMITS, models
 
+    for flag, value, low, limit in (("--batch-size", batch_size, 1, "batch_size"),
+                                    ("--n-boot", n_boot, 0, "n_boot")):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                or not low <= value <= LIMITS[limit]:
+            raise ReportError(f"{flag} {value!r}: must be an integer {low} to {LIMITS[limit]}")
     run = Path(run_dir)
     config, data, external = _resolve_eval_inputs(run, data_dir, split)
+    if out_dir is not None:
+        files.check_output_dir(out_dir, "metrics.json")
     cells = _eval_cells(config, data, split)
-    prob = models.predict_proba(_load_model(run / "model.keras"), cells.x, batch_size=batch_size,
-                                progress=progress)
+    model = _load_model(run / "model.keras")
+    _check_image_size(model, cells.x, data)
+    prob = models.predict_proba(model, cells.x, batch_size=batch_size, progress=progress)
     if prob.shape[1] != len(cells.names):
         raise ReportError(f"{run / 'model.keras'}: outputs {prob.shape[1]} classes but {data} has "
                           f"{len(cells.names)} ({', '.join(cells.names)}); evaluate on data of the "
@@ -413,6 +401,15 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
         out_dir = run / "eval" / sub
     summary["files"] = _write_eval_files(Path(out_dir), summary, cells, prob, config, run, split)
     return summary
+
+
+def _check_image_size(model, x: np.ndarray, data: Path) -> None:
+    """Refuse images of another size than the model takes (one line naming --data and the fix)."""
+    want = tuple(model.input_shape[1:3])
+    have = tuple(x.shape[1:3])
+    if None not in want and want != have:
+        raise ReportError(f"--data {data}: holds {have[0]}x{have[1]} images, the model takes "
+                          f"{want[0]}x{want[1]}; prepare the data with --size {want[0]}")
 
 
 @dataclasses.dataclass
@@ -911,6 +908,7 @@ def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: s
     if split not in SPLITS:
         raise ReportError(f"--split {split}: unknown; choose one of {', '.join(SPLITS)}")
     published = published if published is not None else load_published()
+    files.check_output_dir(out_dir, "report.md")          # before any run is evaluated
     records = _collect_runs(run_dirs, split, evaluate_missing, progress)
     groups = _group_runs(records)
     final = Path(out_dir)

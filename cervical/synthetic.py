@@ -841,6 +841,10 @@ def stems_from_csv(path: os.PathLike) -> Dict[str, List[str]]:
     out: Dict[str, List[str]] = {}
     for row in rows:
         out.setdefault(row["class"], []).append(row["stem"])
+    try:
+        _per_class_stems(out)          # every name must be a class and an NNN_MM stem
+    except SyntheticError as exc:
+        raise SyntheticError(f"{path}: {exc}; fix the CSV") from None
     return out
 
 

@@ -244,8 +244,19 @@ def _check_choices(c: TrainConfig) -> None:
 
 
 def _check_numbers(c: TrainConfig) -> None:
+    from cervical import LIMITS
+
     for name in ("epochs", "batch_size", "contrastive_epochs", "projection_dim"):
         setattr(c, name, _check_number(name.replace("_", "-"), getattr(c, name), 1, integer=True))
+    for name, limit in (("epochs", "epochs"), ("contrastive_epochs", "epochs"),
+                        ("batch_size", "batch_size"), ("projection_dim", "projection_dim"),
+                        ("lr_patience", "patience"), ("patience", "patience"),
+                        ("precise_bn", "precise_bn"), ("lr", "lr"), ("contrastive_lr", "lr"),
+                        ("min_lr", "lr"), ("temperature", "temperature"), ("margin", "margin")):
+        value = getattr(c, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and value > LIMITS[limit]:
+            raise TrainError(f"--{name.replace('_', '-')} {value}: must be <= {LIMITS[limit]}")
     for name in ("lr_patience", "seed"):
         setattr(c, name, _check_number(name.replace("_", "-"), getattr(c, name), 0, integer=True))
     if c.patience is not None:
@@ -726,16 +737,13 @@ def _prepare_run_folder(cfg: TrainConfig) -> Tuple[Path, Optional[dict]]:
 
 def _load_init_model(init: str, num_classes: int, image_size: Tuple[int, int]):
     """The classifier of a finished run (``--init``), checked against the data."""
-    import keras
-
     f = Path(init) / "model.keras"
     if not f.is_file():
         raise TrainError(f"--init {init}: no model.keras there; pass a finished run folder")
     try:
-        model = keras.models.load_model(f, compile=False)
-    except Exception as exc:   # noqa: BLE001 - keras raises many types for a bad archive
-        raise TrainError(f"--init {init}: cannot load model.keras ({type(exc).__name__}); pass a "
-                         f"run made by 'cli.py train'") from None
+        model = models.load_model_file(f, "--init")
+    except models.ModelError as exc:
+        raise TrainError(f"--init {init}: {exc}") from None
     k = int(model.output_shape[-1])
     if k != num_classes:
         raise TrainError(f"--init {init}: the model has {k} classes, the data {num_classes}; use a "
@@ -896,11 +904,17 @@ def _protocol_defaults(cfg: TrainConfig) -> None:
 
 def _adopt_init(cfg: TrainConfig, class_names: List[str]) -> None:
     """--init RUN: take its model and variant, and refuse a run of other classes or another split."""
-    init_file = Path(cfg.init) / "config.json"
-    init_cfg = json.loads(init_file.read_text()) if init_file.is_file() else {}
+    try:
+        init_cfg = files.read_run_config(cfg.init)
+    except files.OutputError as exc:
+        raise TrainError(f"--init {cfg.init}: {exc}") from None
     init_model = init_cfg.get("model")
     if not (Path(cfg.init) / "model.keras").is_file():
         raise TrainError(f"--init {cfg.init}: no model.keras there; pass a finished run folder")
+    try:                                    # a broken archive fails here, before anything is written
+        models.load_model_file(Path(cfg.init) / "model.keras", "--init")
+    except models.ModelError as exc:
+        raise TrainError(f"--init {cfg.init}: {exc}") from None
     if cfg.model is None:
         cfg.model = init_model
         if cfg.model is None:
