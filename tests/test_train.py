@@ -561,16 +561,19 @@ def test_bad_arguments(tiny_prepared, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_learns_the_synthetic_default(tmp_path_factory):
-    """The demo's claim: tiny learns the default synthetic dataset (120 cells/class, x6 offline
-    augmentation, 110 px, grouped split) to >= 90 % validation accuracy within 12 CPU epochs with
-    the study's schedule (LR x0.2 after two epochs without val_loss improvement). Measured: 0.896
-    at epochs 7-8, LR cut after epoch 10, 0.948 at epoch 12; about 9 s per epoch on 2 cores.
-    96 validation cells: one cell is about 1 point."""
+    """tiny learns the default synthetic dataset (120 cells/class, x6 offline augmentation,
+    110 px, grouped split) within 12 CPU epochs with the study's schedule.
+
+    Threshold from a distribution, not one run: seeds 0-4 on two numeric paths (oneDNN kernels on
+    and off), tested versions, ``python benchmarks/seed_spread.py tiny``: kept validation accuracy
+    min 0.906, median 0.948, max 0.979 (10 runs; 96 validation cells, one cell ~1 point).
+    Asserted >= 0.85: the minimum minus a margin of 5.6 points (5 cells). Before PreciseBN the
+    same test measured 0.885 on another machine against 0.948 here."""
     root = tmp_path_factory.mktemp("synthetic_default")
     data.prepare(dataset="synthetic", out=root / "prepared", save_images=False)
     summary = train.train(train.TrainConfig(data=str(root / "prepared"), out=str(root / "run"),
                                             model="tiny", epochs=12))
-    assert summary["val_accuracy"] >= 0.90, summary
+    assert summary["val_accuracy"] >= 0.85, summary
 
 
 def test_cli_choices_match_the_library():
