@@ -714,3 +714,24 @@ def test_mirrored_strategy_matches_single_device(tiny_prepared, tmp_path):
     # (measured difference at epoch 3: 4.1e-6).
     np.testing.assert_allclose(res["mirrored"]["val_loss"], res["single"]["val_loss"], rtol=0.01,
                                atol=2e-5)
+
+
+@pytest.mark.slow
+def test_mixed_precision_on_cpu_trains_and_explains_in_float32(tiny_prepared, tmp_path):
+    """--mixed-precision on a CPU computes in bfloat16 (float32 variables) and trains; the saved
+    model computes in float32, so eval and the CAMs run at full precision."""
+    from cervical import cams, report
+
+    run = tmp_path / "mp"
+    summary = train.train(_config(tiny_prepared, run, epochs=2, mixed_precision=True))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["precision_policy"] == "mixed_bfloat16"
+    assert math.isfinite(summary["val_loss"])
+    model = keras.models.load_model(run / "model.keras")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    ev = report.evaluate_run(run, n_boot=0)
+    assert 0.0 <= ev["accuracy"] <= 1.0
+    x = data.load_split(tiny_prepared, "test").x[:3].astype(np.float32)
+    maps = cams.gradcam(model, x, layer="features")
+    assert maps.dtype == np.float32 and np.all(np.isfinite(maps)) and maps.shape == (3, 32, 32)
+    assert keras.mixed_precision.global_policy().name == "float32"     # restored after the run
