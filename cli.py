@@ -496,7 +496,7 @@ def main(argv=None) -> int:
     run = COMMANDS[args.command][1]
     if args.command not in ("prepare", "demo"):   # demo imports it after its prepare step
         from cervical import import_tensorflow_quietly
-        import_tensorflow_quietly()
+        import_tensorflow_quietly(start_runtime=getattr(args, "strategy", None) != "multiworker")
     if os.environ.get("CERVICAL_DEBUG"):
         return run(args) or 0
     try:

@@ -28,13 +28,14 @@ LIMITS = {
 }
 
 
-def import_tensorflow_quietly() -> None:
+def import_tensorflow_quietly(start_runtime: bool = True) -> None:
     """Import TensorFlow with file descriptor 2 muted (the command line's start-up).
 
     TensorFlow's C++ start-up lines (oneDNN notice, "could not find cuda drivers", cuInit errors on
     CPU machines) are written before its log level applies, so TF_CPP_MIN_LOG_LEVEL cannot hide
     them. Import errors are not hidden: they are raised again by the real import that follows.
-    CERVICAL_DEBUG=1 leaves everything visible.
+    CERVICAL_DEBUG=1 leaves everything visible. ``start_runtime=False`` only imports: multi-worker
+    training must configure the runtime itself before its first use.
     """
     import os
     import sys
@@ -51,7 +52,8 @@ def import_tensorflow_quietly() -> None:
     os.dup2(devnull, fd)
     try:
         import tensorflow as tf
-        tf.constant(0)   # device discovery happens here on first use
+        if start_runtime:
+            tf.constant(0)   # device discovery happens here on first use
         tf.get_logger().setLevel("ERROR")   # e.g. retracing notices from varying batch shapes
     except Exception:   # noqa: BLE001 - reported by the real import
         pass

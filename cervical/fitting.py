@@ -32,7 +32,7 @@ from cervical import files
 
 __all__ = ["TrainError", "PLATEAU_MIN_DELTA", "Phase", "PhaseResult", "run_phase", "Control",
            "Checkpoint", "PreciseBatchNorm", "precise_bn_images", "save_variables",
-           "load_variables", "RunLog"]
+           "load_variables", "RunLog", "across_workers", "fit_across_workers"]
 
 PLATEAU_MIN_DELTA = 1e-4     # keras ReduceLROnPlateau's default min_delta (the study's callback)
 
@@ -410,13 +410,103 @@ def run_phase(model, phase: Phase, log: RunLog) -> PhaseResult:
         if phase.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(
                 log_dir=str(phase.run / "tensorboard" / phase.name)))
-        model.fit(phase.dataset_fn(start, phase.epochs), validation_data=phase.val_ds,
-                  epochs=phase.epochs, initial_epoch=start, steps_per_epoch=phase.steps,
-                  callbacks=callbacks + list(phase.callbacks), verbose=phase.verbose, shuffle=False)
+        fit = fit_across_workers if across_workers() else _keras_fit
+        fit(model, phase.dataset_fn(start, phase.epochs), phase.val_ds, phase.epochs, start,
+            phase.steps, callbacks + list(phase.callbacks), phase.verbose)
     if control.nan is not None:
         _stop_on_nan(model, control, rows, folder, phase.name)
     _finish(folder, model, control, rows, monitor if phase.keep == "best" else None, phase.name)
     return _result(rows, control, len(rows), phase.keep)
+
+
+def _keras_fit(model, dataset, val_ds, epochs: int, initial_epoch: int, steps: int,
+               callbacks: list, verbose: int) -> None:
+    model.fit(dataset, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
+              steps_per_epoch=steps, callbacks=callbacks, verbose=verbose, shuffle=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Several workers: the epoch loop of fit, on TensorFlow's multi-worker engine
+# ------------------------------------------------------------------------------------------------
+
+def across_workers() -> bool:
+    """True inside the scope of a MultiWorkerMirroredStrategy (``--strategy multiworker``)."""
+    return isinstance(tf.distribute.get_strategy(),
+                      (tf.distribute.MultiWorkerMirroredStrategy,
+                       tf.distribute.experimental.MultiWorkerMirroredStrategy))
+
+
+def fit_across_workers(model, dataset, val_ds, epochs: int, initial_epoch: int, steps: int,
+                       callbacks: list, verbose: int = 0) -> None:
+    """What ``model.fit`` does for a run phase, for MultiWorkerMirroredStrategy.
+
+    Keras 3's ``fit`` cannot feed this strategy (its data adapter hands the strategy's per-replica
+    batches to an op that expects tensors), so this loop does it with TensorFlow's own primitives:
+    each step runs ``model.train_step`` in every replica (``strategy.run``) on that replica's share
+    of the global batch (``experimental_distribute_dataset``, sharded by data), and the optimizer
+    all-reduces the gradients, so every worker applies the same update. The callbacks see what
+    ``fit`` shows them (on_train/epoch/batch/test begin and end, the same log keys).
+
+    Validation: every worker scores the whole validation set with its own copy of the weights, and
+    the scores are averaged over the workers, so early stopping, the LR schedule and the NaN guard
+    decide the same on every worker (a worker that stopped alone would leave the others waiting
+    forever). The copies agree except for BatchNorm moving statistics of layers that are not
+    synchronized, which each worker averages over its own share of the batches; PreciseBatchNorm,
+    run by every worker on the same images, makes those equal too.
+    """
+    strategy = tf.distribute.get_strategy()
+    # Create the compiled loss and metric state before tracing (fit's own first step does this).
+    model._symbolic_build(data_batch=dataset.element_spec)
+    replicated = strategy.experimental_distribute_dataset(dataset)
+
+    @tf.function
+    def train_step(batch):
+        logs = strategy.run(model.train_step, args=(batch,))
+        return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
+
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    mean_over_workers = tf.function(lambda v: strategy.reduce(
+        "MEAN", strategy.run(tf.identity, args=(v,)), axis=None))
+    cbs = keras.callbacks.CallbackList(callbacks, model=model, verbose=verbose, epochs=epochs,
+                                       steps=steps)
+    batches = iter(replicated)
+    model.stop_training = False
+    cbs.on_train_begin()
+    logs: dict = {}
+    for epoch in range(initial_epoch, epochs):
+        model.reset_metrics()
+        cbs.on_epoch_begin(epoch)
+        for step in range(steps):
+            cbs.on_train_batch_begin(step)
+            logs = train_step(next(batches))
+            cbs.on_train_batch_end(step)
+        logs = {k: float(v) for k, v in logs.items()}
+        if val_ds is not None:
+            cbs.on_test_begin()
+            scores = _validate_locally(model, forward, val_ds)
+            cbs.on_test_end(scores)
+            keys = sorted(scores)       # the average over the workers, the same on every worker
+            mean = mean_over_workers(tf.constant([scores[k] for k in keys], tf.float64))
+            logs.update({f"val_{k}": float(v) for k, v in zip(keys, mean.numpy())})
+        cbs.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    cbs.on_train_end(logs)
+
+
+def _validate_locally(model, forward, val_ds) -> dict:
+    """Loss (the compiled one) and accuracy of ``forward`` (the model, inference mode) on every
+    batch of ``val_ds``, in this worker only: {"loss": mean over images, "accuracy": fraction}."""
+    loss_fn = keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
+    total = correct = count = 0.0
+    for x, y in val_ds:
+        p = forward(x)
+        n = float(x.shape[0])
+        total += float(tf.reduce_mean(loss_fn(y, p))) * n     # a function: per image
+        truth = tf.argmax(y, -1) if len(y.shape) > 1 else tf.cast(y, tf.int64)
+        correct += float(tf.reduce_sum(tf.cast(tf.argmax(p, -1) == truth, tf.float32)))
+        count += n
+    return {"loss": total / count, "accuracy": correct / count}
 
 
 def _restore(folder: Path, model, control: Control, log: RunLog, name: str):

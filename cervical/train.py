@@ -56,7 +56,7 @@ from cervical.fitting import TrainError
 __all__ = ["TrainError", "TrainConfig", "REGIMES", "CONTRASTIVE_LOSS_NAMES", "STRATEGIES",
            "MONITORS", "train", "format_summary", "make_train_dataset", "make_eval_dataset",
            "augment_images", "channel_statistics", "load_class_weights", "load_cost_matrix",
-           "make_strategy", "default_weights", "heldout_signature"]
+           "make_strategy", "worker_role", "WorkerRole", "default_weights", "heldout_signature"]
 
 REGIMES = ("finetune", "cost-sensitive", "contrastive", "baseline")
 CONTRASTIVE_LOSS_NAMES = ("npairs", "supcon", "triplet")
@@ -646,6 +646,12 @@ def make_strategy(name: str):
     """
     import tensorflow as tf
 
+    if name == "multiworker":
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except (RuntimeError, ValueError) as exc:
+            raise TrainError(f"--strategy multiworker: TensorFlow refused TF_CONFIG "
+                             f"({str(exc).splitlines()[0]}); check it on every worker") from None
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
@@ -654,7 +660,45 @@ def make_strategy(name: str):
     if name == "mirrored":
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         return tf.distribute.MirroredStrategy(devices=devices)
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerRole:
+    """Where this process stands in a multi-worker run (one process: chief 0 of 1)."""
+
+    chief: bool = True
+    index: int = 0
+    workers: int = 1
+
+
+def worker_role(strategy: str) -> WorkerRole:
+    """This process's role under ``--strategy multiworker``, from the TF_CONFIG environment
+    variable (``{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker",
+    "index": i}}``): the chief is the task of type "chief", or worker 0 when the cluster has no
+    chief. Any other strategy: a single process, the chief.
+
+    Raises:
+        TrainError: multiworker without TF_CONFIG, or a TF_CONFIG that is not of that form.
+    """
+    if strategy != "multiworker":
+        return WorkerRole()
+    raw = os.environ.get("TF_CONFIG", "")
+    fix = ('set TF_CONFIG on every worker to {"cluster": {"worker": [hosts]}, "task": {"type": '
+           '"worker", "index": i}} (README, "Several machines")')
+    if not raw.strip():
+        raise TrainError(f"--strategy multiworker: TF_CONFIG is not set; {fix}")
+    try:
+        spec = json.loads(raw)
+        cluster, kind, index = spec["cluster"], spec["task"]["type"], int(spec["task"]["index"])
+        hosts = {k: list(cluster.get(k, [])) for k in ("chief", "worker")}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise TrainError(f"TF_CONFIG: not a cluster description; {fix}") from None
+    workers = len(hosts["chief"]) + len(hosts["worker"])
+    if kind not in hosts or not 0 <= index < len(hosts[kind]):
+        raise TrainError(f"TF_CONFIG: task {kind} {index} is not in its cluster; {fix}")
+    chief = kind == "chief" or (not hosts["chief"] and index == 0)
+    return WorkerRole(chief, index + (len(hosts["chief"]) if kind == "worker" else 0), workers)
 
 
 class _Session:
@@ -810,9 +854,36 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict:
         cervical.models.ModelError: unknown model, input too small, weights unavailable.
     """
     cfg = _validate(config)
+    role = worker_role(cfg.strategy)
     inputs = _load_inputs(cfg)                  # every check that can fail comes before writing
+    if not role.chief:
+        return _train_as_worker(cfg, inputs, callbacks, role)
     with files.output_lock(cfg.out):            # one writer per run folder
         return _train(cfg, inputs, callbacks)
+
+
+def _train_as_worker(cfg: TrainConfig, inputs: "_Inputs", callbacks: Sequence,
+                     role: "WorkerRole") -> dict:
+    """A multi-worker run on a worker that is not the chief: it trains in step with the others but
+    writes into a scratch folder, deleted at the end; only the chief writes --out. With --resume
+    it starts from the chief's last checkpoint in --out (a folder every worker sees, or a copy)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=f"cervical-worker{role.index}-") as scratch:
+        mine = dataclasses.replace(cfg, out=str(Path(scratch) / "run"), overwrite=False)
+        if cfg.resume:
+            chief = Path(cfg.out)
+            if not (chief / "config.json").is_file():
+                raise TrainError(f"--resume: {chief} holds no run on this host (worker "
+                                 f"{role.index}); put --out on a folder every worker sees, or "
+                                 f"copy the chief's run folder here first")
+            Path(mine.out).mkdir()
+            shutil.copy2(chief / "config.json", Path(mine.out) / "config.json")
+            if (chief / "checkpoints").is_dir():
+                shutil.copytree(chief / "checkpoints", Path(mine.out) / "checkpoints")
+        summary = _train(mine, inputs, callbacks)
+    return {**summary, "run": None, "worker": role.index}
 
 
 def _train(cfg: TrainConfig, inputs: "_Inputs", callbacks: Sequence) -> dict:
@@ -829,10 +900,11 @@ def _train(cfg: TrainConfig, inputs: "_Inputs", callbacks: Sequence) -> dict:
         + "".join(f"; --{k.replace('_', '-')} {v} (was {resumed[k]})"
                   for k, v in lr_changed.items()))
     t_start = time.time()
+    strategy = make_strategy(cfg.strategy)      # first: multi-worker needs a fresh TF runtime
     with _Session(cfg.seed, cfg.deterministic, cfg.mixed_precision) as session:
-        strategy = make_strategy(cfg.strategy)
         global_batch = cfg.batch_size * int(strategy.num_replicas_in_sync)
         record.update({"replicas": int(strategy.num_replicas_in_sync),
+                       "workers": worker_role(cfg.strategy).workers,
                        "global_batch_size": global_batch,
                        "strategy_class": type(strategy).__name__,
                        "precision_policy": session.policy_name or "float32"})
@@ -1193,4 +1265,5 @@ def format_summary(summary: dict) -> str:
                f"best epoch {summary['best_epoch']}/{summary['epochs_run']} on "
                f"{summary['selected_on']}")
             + f", val_loss {fmt(summary['val_loss'])}, val_accuracy {fmt(summary['val_accuracy'])}; "
-            f"{timing}; run folder {summary['run']}")
+            f"{timing}; " + (f"run folder {summary['run']}" if summary.get("worker") is None else
+                             f"worker {summary['worker']}: the chief writes the run folder"))
