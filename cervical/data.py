@@ -1130,13 +1130,7 @@ def _commit_dir(stage: Path, out: Path) -> None:
         # re-checked here: something may have written into --out while we were preparing
         raise DataError(f"--out {out}: not a prepared dataset folder; --overwrite only replaces "
                         f"prepared datasets; choose another --out")
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, trash)
-        os.replace(stage, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(stage, out)
+    files.swap_in(stage, out)
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-__all__ = ["Progress", "report_progress", "OutputError", "atomic_dir", "check_output_dir",
+__all__ = ["Progress", "report_progress", "OutputError", "atomic_dir", "swap_in", "check_output_dir",
            "output_lock",
            "read_run_config", "RUN_CONFIG_TYPES",
            "write_bytes", "write_text", "write_json", "to_json",
@@ -65,6 +65,19 @@ def check_output_dir(final: Union[str, os.PathLike], marker: str, flag: str = "-
                           f"output (no {marker}); choose another folder or empty it")
 
 
+def swap_in(stage: Path, final: Path) -> None:
+    """Put the complete folder ``stage`` at ``final`` by renames only, replacing an older ``final``:
+    a kill leaves at ``final`` the old folder, the new one, or (between the two renames) none,
+    never a mixture; the old one then waits in a hidden ``.<name>.old-<pid>`` folder."""
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(stage, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(stage, final)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Union[str, os.PathLike], marker: str, flag: str = "--out"):
     """Build an output folder beside ``final`` and swap it in when the block succeeds.
@@ -86,18 +99,13 @@ def atomic_dir(final: Union[str, os.PathLike], marker: str, flag: str = "--out")
     final = Path(final)
     check_output_dir(final, marker, flag)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.partial-*"):   # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (".partial-*", ".old-*"):                     # left by a killed run
+        for stale in final.parent.glob(f".{final.name}{pattern}"):
+            shutil.rmtree(stale, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield stage
-        if final.exists():
-            trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, trash)
-            os.replace(stage, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(stage, final)
+        swap_in(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
