@@ -133,6 +133,7 @@ def folder_campaign(name: str, args: list, out: Path, marker: str, kills: int,
     first = cli(*args)
     assert first.returncode == 0, (name, first.stderr[-2000:])
     duration = time.time() - t0
+    complete = _listing(out)                  # what a complete output holds
     tried = survived = 0
     problems = []
     for _ in range(kills):
@@ -141,8 +142,11 @@ def folder_campaign(name: str, args: list, out: Path, marker: str, kills: int,
         if code == 0:
             continue
         tried += 1
-        ok = (not out.exists()) or ((out / marker).is_file() and not loadable(out)
-                                    and (before is None or (out / marker).read_bytes() == before))
+        # Absent, the previous output untouched, or (a kill after the swap, e.g. during the
+        # interpreter's exit) the new output whole: every file of a complete output, all loadable.
+        ok = (not out.exists()) or (_listing(out) == complete and not loadable(out)
+                                    and (before is None or (out / marker).read_bytes() == before
+                                         or _is_newer(out / marker, before)))
         again = cli(*args)
         ok = ok and again.returncode == 0 and (out / marker).is_file()
         survived += ok
@@ -150,6 +154,21 @@ def folder_campaign(name: str, args: list, out: Path, marker: str, kills: int,
             problems.append(f"{name}: after a kill: folder {'ok' if out.exists() else 'absent'}, "
                             f"rerun exit {again.returncode} {again.stderr.strip()[-200:]}")
     return {"tried": tried, "survived": survived, "problems": problems}
+
+
+def _listing(folder: Path) -> set:
+    """The relative paths of the files in ``folder`` (hidden ones aside)."""
+    return {str(f.relative_to(folder)) for f in folder.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)}
+
+
+def _is_newer(marker: Path, before: bytes) -> bool:
+    """The marker is a complete JSON written by a later run than ``before`` (its "created" stamp)."""
+    try:
+        new, old = json.loads(marker.read_text()), json.loads(before)
+    except ValueError:
+        return False
+    return str(new.get("created", "")) >= str(old.get("created", ""))
 
 
 def main(argv=None) -> int:
