@@ -249,8 +249,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="allow non-deterministic TensorFlow ops (faster on some GPUs)")
     p.add_argument("--strategy", choices=["auto", "default", "mirrored", "multiworker"],
                    default="auto",
-                   help="tf.distribute: mirrored = all local GPUs, multiworker = hosts in "
-                        "TF_CONFIG; auto = mirrored with 2+ GPUs (default: %(default)s)")
+                   help="tf.distribute: mirrored = all local GPUs, multiworker = the workers in "
+                        "TF_CONFIG (run the same command on each; only the chief writes --out); "
+                        "auto = mirrored with 2+ GPUs (default: %(default)s)")
     p.add_argument("--mixed-precision", action="store_true",
                    help="float16 compute on GPUs (bfloat16 on CPU), float32 variables")
     p.add_argument("--resume", action="store_true",

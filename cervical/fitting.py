@@ -13,6 +13,10 @@ loop survives: ``run_phase`` wraps ``keras.Model.fit`` with four callbacks and a
 A rerun of the same phase finds ``state.json`` and continues after the last completed epoch with
 the same weights, optimizer moments, RNG states and callback states, so a resumed run reproduces
 the uninterrupted one. A finished phase is marked ``finished`` and only its final weights are kept.
+
+Under MultiWorkerMirroredStrategy (``--strategy multiworker``) the epoch loop is
+``fit_across_workers`` instead of ``keras.Model.fit``, which cannot feed that strategy in Keras 3;
+the callbacks and the checkpoint folder are the same.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ every epoch (a stateless permutation keyed on (seed, epoch)) and every augmentat
 keyed on (seed, epoch, step)); TensorFlow's deterministic ops are switched on for the duration of the
 run. So two CPU runs with the same seed give the same history, and a resumed run gives the history
 of an uninterrupted one (weights, optimizer moments, RNG states and callback states are restored).
+
+Several machines (``strategy="multiworker"``, TF_CONFIG on every worker): every worker runs the same
+call; the chief (``worker_role``) writes the run folder, the others train in step into a scratch
+folder and, with ``resume``, start from the chief's checkpoints in ``out``.
 """
 
 from __future__ import annotations
