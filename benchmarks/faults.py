@@ -9,10 +9,11 @@ SIGKILL after a seeded random delay, checks what it left, and starts it again (`
 * train: the finished run's history.csv and weights equal an uninterrupted run's, byte for byte
   (same seed, CPU), and after every kill each model.keras, checkpoint (.npz) and JSON present in
   the run folder loads;
-* prepare, eval, explain, report: after every kill the output folder is either absent or the
-  previous complete output (its marker file loads), and the rerun succeeds without --overwrite.
+* prepare, eval, explain, report: after every kill the output folder is absent, the previous
+  complete output untouched, or (a kill after the swap) the new complete output; never a half
+  folder. The plain rerun succeeds without --overwrite.
 
-It prints kills survived / kills tried per subcommand. tests/test_faults.py runs a few of these
+It prints one line per kill as it goes, then kills survived / kills tried per subcommand. tests/test_faults.py runs a few of these
 kills in the test suite.
 """
 
@@ -40,6 +41,11 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3", "MPLB
 def cli(*args, timeout=900):
     return subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)],
                           capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def say(message: str) -> None:
+    """One progress line (the campaign runs for minutes)."""
+    print(f"faults: {message}", file=sys.stderr, flush=True)
 
 
 def killed_after(delay: float, *args) -> int:
@@ -96,13 +102,16 @@ def train_campaign(prepared: Path, work: Path, kills: int, rng: random.Random,
             if tried >= kills:
                 break
             resume = ["--resume"] if (run / "config.json").is_file() else []
-            code = killed_after(rng.uniform(2.0, duration), *args, "--out", run, *resume)
+            delay = rng.uniform(2.0, duration)
+            code = killed_after(delay, *args, "--out", run, *resume)
             if code == 0:
                 break                               # it finished before the kill
             tried += 1
             bad = loadable(run) if run.exists() else []
             problems += bad
             survived += not bad
+            say(f"train {regime} kill {tried}/{kills} after {delay:.1f} s: "
+                f"{'every file loads' if not bad else 'UNLOADABLE: ' + bad[0]}")
         while True:                                 # finish it
             resume = ["--resume"] if (run / "config.json").is_file() else []
             out = cli(*args, "--out", run, *resume)
@@ -138,8 +147,10 @@ def folder_campaign(name: str, args: list, out: Path, marker: str, kills: int,
     problems = []
     for _ in range(kills):
         before = (out / marker).read_bytes() if (out / marker).is_file() else None
-        code = killed_after(rng.uniform(1.0, duration), *args)
+        delay = rng.uniform(1.0, duration)
+        code = killed_after(delay, *args)
         if code == 0:
+            say(f"{name}: finished before the kill at {delay:.1f} s (not counted)")
             continue
         tried += 1
         # Absent, the previous output untouched, or (a kill after the swap, e.g. during the
@@ -150,6 +161,7 @@ def folder_campaign(name: str, args: list, out: Path, marker: str, kills: int,
         again = cli(*args)
         ok = ok and again.returncode == 0 and (out / marker).is_file()
         survived += ok
+        say(f"{name} kill {tried} after {delay:.1f} s: {'survived' if ok else 'FAILED'}")
         if not ok:
             problems.append(f"{name}: after a kill: folder {'ok' if out.exists() else 'absent'}, "
                             f"rerun exit {again.returncode} {again.stderr.strip()[-200:]}")
@@ -200,7 +212,7 @@ def main(argv=None) -> int:
         other, rng)
     results["report"] = folder_campaign(
         "report", ["report", "--runs", work / "train_ref_finetune", "--out", work / "report"],
-        work / "report", "report.md", other, rng)
+        work / "report", "report.json", other, rng)
     for name, r in results.items():
         print(f"{name:8s} kills survived / tried: {r['survived']} / {r['tried']}")
         for problem in r["problems"]:

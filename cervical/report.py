@@ -920,7 +920,8 @@ def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: s
 def _write_report(out: Path, split: str, records: List[dict], groups: List[dict],
                   published: dict) -> None:
     """Every file of the report, into ``out`` (a staging folder swapped in whole)."""
-    md = _report_intro(split, records, groups)
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    md = _report_intro(split, records, groups, created)
     md += _runs_section(records, out)
     for regime in _regimes_present(groups):
         md += _regime_section(regime, [g for g in groups if g["regime"] == regime], published, out)
@@ -930,7 +931,7 @@ def _write_report(out: Path, split: str, records: List[dict], groups: List[dict]
     md += ["## Library versions", ""] + _version_lines(records) + [""]
     md += _comparison_section(groups, published, out)
     md += _confusion_section(groups, out)
-    files.write_json(out / "report.json", _report_json(split, records, groups))
+    files.write_json(out / "report.json", _report_json(split, records, groups, created))
     files.write_text(out / "report.md", "\n".join(md))
 
 
@@ -950,10 +951,9 @@ def _collect_runs(run_dirs: Sequence[os.PathLike], split: str, evaluate_missing:
     return records
 
 
-def _report_intro(split: str, records: List[dict], groups: List[dict]) -> List[str]:
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def _report_intro(split: str, records: List[dict], groups: List[dict], created: str) -> List[str]:
     return [f"# Results report ({split} split)", "",
-            f"{len(records)} run(s), {len(groups)} model group(s); generated {now} by cervical.", "",
+            f"{len(records)} run(s), {len(groups)} model group(s); generated {created} by cervical.", "",
             "**Split protocol matters.** *cell-level (thesis)* is the study's split: cells cut from "
             "one cluster image can sit in train and test (745 of SIPaKMeD's 812 test cells do), so "
             "its numbers are optimistic. *grouped* keeps each cluster image in one split. Numbers "
@@ -1088,10 +1088,11 @@ def _confusion_section(groups: List[dict], out: Path) -> List[str]:
     return md
 
 
-def _report_json(split: str, records: List[dict], groups: List[dict]) -> dict:
-    """report.json: the grouped numbers, machine-readable."""
+def _report_json(split: str, records: List[dict], groups: List[dict], created: str) -> dict:
+    """report.json: the grouped numbers, machine-readable, with when and with which libraries the
+    report was made (each run's own versions are in its config.json)."""
     return {
-        "split": split,
+        "split": split, "created": created, "versions": files.library_versions(),
         "runs": [{"run": str(r["run"]), **{k: r[k] for k in ("model", "regime", "loss", "variant",
                                                             "dataset", "protocol", "fold")}}
                  for r in records],

@@ -189,6 +189,8 @@ def test_build_report_writes_every_file_and_fold_mean_std(tiny_run, tmp_path):
     assert len(list(out.glob("cm_*.png"))) == 3                 # one per model group
 
     rep = json.loads((out / "report.json").read_text())
+    assert f"generated {rep['created']} by cervical" in md        # one time stamp, md and json
+    assert rep["versions"]["numpy"] == np.__version__
     cs = next(g for g in rep["groups"] if g["regime"] == "cost-sensitive")
     assert cs["n_runs"] == 2 and cs["kind"] == "folds"
     assert cs["metrics"]["accuracy"]["mean"] == pytest.approx(0.85)
