@@ -175,12 +175,21 @@ def _listing(folder: Path) -> set:
 
 
 def _is_newer(marker: Path, before: bytes) -> bool:
-    """The marker is a complete JSON written by a later run than ``before`` (its "created" stamp)."""
+    """The marker is a complete JSON from the same run or a later one: its "created" stamp (top
+    level, or in "meta" as eval writes it) is not older than the previous output's. Outputs whose
+    content carries no time stamp (dataset.json, cells.json: a rerun writes the same bytes) pass
+    on being complete JSON."""
     try:
         new, old = json.loads(marker.read_text()), json.loads(before)
     except ValueError:
         return False
-    return str(new.get("created", "")) >= str(old.get("created", ""))
+
+    def stamp(doc):
+        if not isinstance(doc, dict):
+            return ""
+        return str(doc.get("created") or (doc.get("meta") or {}).get("created") or "")
+
+    return stamp(new) >= stamp(old)
 
 
 def main(argv=None) -> int:
