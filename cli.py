@@ -164,15 +164,18 @@ def run_prepare(args) -> int:
 # train (cervical/train.py)
 # ------------------------------------------------------------------------------------------------
 
+# Literal choices keep `--help` free of TensorFlow; tests check them against the library
+# (models.MODEL_NAMES, train.REGIMES). train and audit share them.
+MODEL_CHOICES = ("tiny", "vgg16", "vgg19", "resnet50", "mobilenetv2", "densenet169")
+REGIME_CHOICES = ("finetune", "cost-sensitive", "contrastive", "baseline")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    # Literal choices keep `--help` free of TensorFlow; tests check them against the library.
-    models = ("tiny", "vgg16", "vgg19", "resnet50", "mobilenetv2", "densenet169")
-    regimes = ("finetune", "cost-sensitive", "contrastive", "baseline")
     p.add_argument("--data", required=True, help="prepared dataset folder (cli.py prepare)")
     p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--model", choices=models, default=None,
+    p.add_argument("--model", choices=MODEL_CHOICES, default=None,
                    help="backbone, or tiny (a small CPU CNN); required unless --init names a run")
-    p.add_argument("--regime", choices=regimes, default="finetune",
+    p.add_argument("--regime", choices=REGIME_CHOICES, default="finetune",
                    help="finetune | cost-sensitive (class weights / cost matrix) | contrastive "
                         "(two phases) | baseline (the contrastive classifier end to end) "
                         "(default: %(default)s)")
@@ -393,11 +396,10 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
                         "full-size synthetic set with the study's file names)")
     p.add_argument("--dataset", choices=["synthetic", "sipakmed"], default="synthetic",
                    help="raw data layout (default: %(default)s)")
-    p.add_argument("--model", choices=["tiny", "vgg16", "vgg19", "resnet50", "mobilenetv2",
-                                       "densenet169"], default="tiny",
+    p.add_argument("--model", choices=MODEL_CHOICES, default="tiny",
                    help="the model both protocols train (default: %(default)s)")
-    p.add_argument("--regime", choices=["finetune", "cost-sensitive", "contrastive", "baseline"],
-                   default="finetune", help="training regime (default: %(default)s)")
+    p.add_argument("--regime", choices=REGIME_CHOICES, default="finetune",
+                   help="training regime (default: %(default)s)")
     p.add_argument("--seeds", type=_int_in(1, "seeds"), default=3,
                    help="runs per protocol (default: %(default)s)")
     p.add_argument("--folds", type=_int_in(0, "folds"), default=0,
