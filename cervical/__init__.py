@@ -28,6 +28,17 @@ LIMITS = {
 }
 
 
+def out_of_range(flag: str, value, low: int, limit: str):
+    """The one-line complaint about an integer argument outside ``low .. LIMITS[limit]`` (bools
+    and non-integers included), or None when it is fine. Each module raises it as its own error."""
+    import numbers
+
+    high = LIMITS[limit]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        return f"{flag} {value!r}: must be an integer {low} to {high}"
+    return None
+
+
 def import_tensorflow_quietly(start_runtime: bool = True) -> None:
     """Import TensorFlow with file descriptor 2 muted (the command line's start-up).
 

@@ -175,15 +175,13 @@ def _check(config: AuditConfig) -> AuditConfig:
                          f"images in the file names); choose sipakmed or synthetic")
     if cfg.dataset == "sipakmed" and not cfg.data_dir:
         raise AuditError("--data-dir: required with --dataset sipakmed (the unpacked SIPaKMeD)")
-    from cervical import LIMITS
+    from cervical import out_of_range
 
     for name, low in (("seeds", 1), ("folds", 0), ("epochs", 1), ("size", 8), ("augment", 0),
                       ("batch_size", 1), ("per_class", 0), ("n_boot", 0)):
-        value, high = getattr(cfg, name), LIMITS[name]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-                or not low <= value <= high:
-            raise AuditError(f"--{name.replace('_', '-')} {value!r}: must be an integer {low} to "
-                             f"{high}")
+        problem = out_of_range(f"--{name.replace('_', '-')}", getattr(cfg, name), low, name)
+        if problem:
+            raise AuditError(problem)
     if cfg.folds == 1:
         raise AuditError("--folds 1: a K-fold audit needs K >= 2 (or --folds 0 and --seeds N)")
     return cfg

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -496,14 +497,12 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
 def _check_args(images, evaluate: bool, tolerance: float,
                 numbers: Dict[str, Tuple[Any, int, str]]) -> None:
     """Every argument check that needs no model (so bad input fails before the slow load)."""
-    import math
-
-    from cervical import LIMITS
+    from cervical import LIMITS, out_of_range
 
     for name, (value, minimum, limit) in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-                or not minimum <= value <= LIMITS[limit]:
-            raise ExplainError(f"{name} {value!r}: must be an integer {minimum} to {LIMITS[limit]}")
+        problem = out_of_range(name, value, minimum, limit)
+        if problem:
+            raise ExplainError(problem)
     try:
         tol = float(tolerance)
     except (TypeError, ValueError):
@@ -549,10 +548,9 @@ def _split_target(model: Any, config: dict, run_dir, split: str, per_class: int,
                            f"(the prepared dataset)")
     part = data.load_split(ddir, split)
     class_names = list(config.get("class_names") or info.get("class_names") or part.class_names)
-    want = tuple(model.input_shape[1:3])
-    if None not in want and want != tuple(part.x.shape[1:3]):
-        raise ExplainError(f"--data {ddir}: holds {part.x.shape[1]}x{part.x.shape[2]} images, the "
-                           f"model takes {want[0]}x{want[1]}; prepare the data with --size {want[0]}")
+    mismatch = models.input_size_mismatch(model, part.x, ddir)
+    if mismatch:
+        raise ExplainError(mismatch)
     probs = models.predict_proba(model, part.x)
     if probs.shape[1] != len(class_names):
         raise ExplainError(f"--run {run_dir}: the model has {probs.shape[1]} outputs but the data "

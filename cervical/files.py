@@ -112,12 +112,13 @@ def atomic_dir(final: Union[str, os.PathLike], marker: str, flag: str = "--out")
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 

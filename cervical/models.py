@@ -67,6 +67,7 @@ from keras import layers, ops
 __all__ = ["ModelError", "WeightsError", "BackboneSpec", "BACKBONES", "MODEL_NAMES", "VARIANTS",
            "Preprocess", "build_model", "build_encoder", "add_projection_head",
            "build_contrastive_classifier", "feature_layer_name", "check_input_size",
+           "input_size_mismatch",
            "keras_cache_dir", "imagenet_weights_file", "resolve_weights", "study_layer_names",
            "preprocess_mode", "preprocess_layer", "preprocessing_of", "predict_proba",
            "as_probabilities", "load_model_file"]
@@ -671,6 +672,16 @@ def feature_layer_name(model_or_name: Union[keras.Model, str], variant: str = "s
 # ------------------------------------------------------------------------------------------------
 # Prediction
 # ------------------------------------------------------------------------------------------------
+
+def input_size_mismatch(model: keras.Model, x, data: Union[str, os.PathLike]) -> Optional[str]:
+    """The one-line complaint when the images ``x`` (read from ``data``) are not the size the model
+    takes (eval and explain refuse them before predicting), or None."""
+    want, have = tuple(model.input_shape[1:3]), tuple(x.shape[1:3])
+    if None in want or want == have:
+        return None
+    return (f"--data {data}: holds {have[0]}x{have[1]} images, the model takes "
+            f"{want[0]}x{want[1]}; prepare the data with --size {want[0]}")
+
 
 def as_probabilities(outputs) -> "np.ndarray":
     """The one rule for model outputs: probabilities as they are, anything else is logits.

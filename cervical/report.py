@@ -374,20 +374,22 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
             or a model whose output size differs from the number of classes.
         cervical.data.DataError: the prepared dataset is missing, broken or the split is empty.
     """
-    from cervical import LIMITS, models
+    from cervical import models, out_of_range
 
     for flag, value, low, limit in (("--batch-size", batch_size, 1, "batch_size"),
                                     ("--n-boot", n_boot, 0, "n_boot")):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-                or not low <= value <= LIMITS[limit]:
-            raise ReportError(f"{flag} {value!r}: must be an integer {low} to {LIMITS[limit]}")
+        problem = out_of_range(flag, value, low, limit)
+        if problem:
+            raise ReportError(problem)
     run = Path(run_dir)
     config, data, external = _resolve_eval_inputs(run, data_dir, split)
     if out_dir is not None:
         files.check_output_dir(out_dir, "metrics.json")
     cells = _eval_cells(config, data, split)
     model = _load_model(run / "model.keras")
-    _check_image_size(model, cells.x, data)
+    mismatch = models.input_size_mismatch(model, cells.x, data)
+    if mismatch:
+        raise ReportError(mismatch)
     prob = models.predict_proba(model, cells.x, batch_size=batch_size, progress=progress)
     if prob.shape[1] != len(cells.names):
         raise ReportError(f"{run / 'model.keras'}: outputs {prob.shape[1]} classes but {data} has "
@@ -401,15 +403,6 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
         out_dir = run / "eval" / sub
     summary["files"] = _write_eval_files(Path(out_dir), summary, cells, prob, config, run, split)
     return summary
-
-
-def _check_image_size(model, x: np.ndarray, data: Path) -> None:
-    """Refuse images of another size than the model takes (one line naming --data and the fix)."""
-    want = tuple(model.input_shape[1:3])
-    have = tuple(x.shape[1:3])
-    if None not in want and want != have:
-        raise ReportError(f"--data {data}: holds {have[0]}x{have[1]} images, the model takes "
-                          f"{want[0]}x{want[1]}; prepare the data with --size {want[0]}")
 
 
 @dataclasses.dataclass

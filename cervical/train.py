@@ -863,7 +863,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict:
     if not role.chief:
         return _train_as_worker(cfg, inputs, callbacks, role)
     with files.output_lock(cfg.out):            # one writer per run folder
-        return _train(cfg, inputs, callbacks)
+        return _train(cfg, inputs, callbacks, role)
 
 
 def _train_as_worker(cfg: TrainConfig, inputs: "_Inputs", callbacks: Sequence,
@@ -886,11 +886,11 @@ def _train_as_worker(cfg: TrainConfig, inputs: "_Inputs", callbacks: Sequence,
             shutil.copy2(chief / "config.json", Path(mine.out) / "config.json")
             if (chief / "checkpoints").is_dir():
                 shutil.copytree(chief / "checkpoints", Path(mine.out) / "checkpoints")
-        summary = _train(mine, inputs, callbacks)
+        summary = _train(mine, inputs, callbacks, role)
     return {**summary, "run": None, "worker": role.index}
 
 
-def _train(cfg: TrainConfig, inputs: "_Inputs", callbacks: Sequence) -> dict:
+def _train(cfg: TrainConfig, inputs: "_Inputs", callbacks: Sequence, role: "WorkerRole") -> dict:
     """The run itself, under the run folder's lock."""
     run, resumed = _prepare_run_folder(cfg)
     record = _run_record(cfg, inputs)
@@ -908,7 +908,7 @@ def _train(cfg: TrainConfig, inputs: "_Inputs", callbacks: Sequence) -> dict:
     with _Session(cfg.seed, cfg.deterministic, cfg.mixed_precision) as session:
         global_batch = cfg.batch_size * int(strategy.num_replicas_in_sync)
         record.update({"replicas": int(strategy.num_replicas_in_sync),
-                       "workers": worker_role(cfg.strategy).workers,
+                       "workers": role.workers,
                        "global_batch_size": global_batch,
                        "strategy_class": type(strategy).__name__,
                        "precision_policy": session.policy_name or "float32"})
