@@ -30,6 +30,34 @@ def test_leak_stats_known_answer():
                  "groups_in_several_splits": 2}
 
 
+def test_intervals_over_seeds_known_answer():
+    """Student's t-interval with n - 1 = 2 degrees of freedom, derived by hand: the t CDF with 2
+    degrees of freedom is 1/2 + t / (2 sqrt(2 + t^2)), so its 97.5 % quantile solves
+    t / sqrt(2 + t^2) = 0.95, i.e. t^2 = 2 * 0.9025 / 0.0975 (t = 4.3027). Accuracies 0.6, 0.7,
+    0.8 (mean 0.7, sd 0.1) give 0.7 -+ t * 0.1 / sqrt(3). The study-minus-corrected difference is
+    paired by seed: against 0.5, 0.5, 0.5 it is 0.1, 0.2, 0.3, the same half-width around 0.2."""
+    t975 = np.sqrt(2 * 0.9025 / 0.0975)
+    half = t975 * 0.1 / np.sqrt(3)
+    runs = []
+    for k, (study, corrected) in enumerate(zip((0.6, 0.7, 0.8), (0.5, 0.5, 0.5))):
+        for protocol, acc in (("study", study), ("corrected", corrected)):
+            runs.append({"protocol": protocol, "seed": k, "accuracy": acc, "macro_f1": acc,
+                         "leak": {}, "by_leak": {"shared": {"accuracy": acc},
+                                                 "unshared": {"accuracy": acc - 0.2}}})
+    s = audit._summarise(audit.AuditConfig(), runs, "manifest:thesis")
+    study = s["protocols"]["study"]["accuracy"]
+    assert study["mean"] == pytest.approx(0.7)
+    assert (study["low"], study["high"]) == pytest.approx((0.7 - half, 0.7 + half), abs=1e-12)
+    diff = s["difference_study_minus_corrected"]["accuracy"]
+    assert (diff["mean"], diff["low"], diff["high"]) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
+    corrected = s["protocols"]["corrected"]["accuracy"]
+    assert (corrected["low"], corrected["high"]) == pytest.approx((0.5, 0.5))   # no spread
+    gap = s["study_shared_vs_unshared"]["difference"]
+    assert (gap["mean"], gap["low"], gap["high"]) == pytest.approx((0.2, 0.2, 0.2))
+    assert audit._t_interval([0.4]) == {"mean": 0.4, "low": None, "high": None, "n": 1}
+    assert audit._t_interval([None])["mean"] is None
+
+
 def test_the_study_split_leaks_745_of_812_test_cells():
     """The study's exact membership (data/splits/thesis_split.csv): a cluster image is a (class,
     NNN) pair; 745 of its 812 test cells share one with train or val, 566 of 966 images span
