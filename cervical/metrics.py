@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -51,6 +51,9 @@ __all__ = [
     "brier_score",
     "roc_auc_ovr",
     "bootstrap_ci",
+    "cluster_mean_ci",
+    "class_adjusted_difference",
+    "verdict",
     "summarize",
     "NAMED_METRICS",
 ]
@@ -524,6 +527,201 @@ def bootstrap_ci(y_true: Sequence[int], y_pred: Sequence[int],
     low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
     return {"metric": name, "estimate": estimate, "low": float(low), "high": float(high),
             "alpha": float(alpha), "n_boot": int(n), "seed": int(seed), "method": "percentile"}
+
+
+# --------------------------------------------------------------------------------------------
+# contrasts with a cluster bootstrap: a mean, and a class-adjusted difference between two arms
+# --------------------------------------------------------------------------------------------
+def _cluster_index(groups: Optional[Sequence], n: int) -> np.ndarray:
+    """(n,) cluster numbers 0..G-1 (every sample its own cluster when ``groups`` is None)."""
+    if groups is None:
+        return np.arange(n)
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise MetricsError(f"groups: {g.shape[0] if g.ndim else 0} ids for {n} samples; give one "
+                           f"per sample")
+    return np.unique(g, return_inverse=True)[1].reshape(-1)
+
+
+def _check_alpha_n(n: int, alpha: float) -> None:
+    if int(n) < 1:
+        raise MetricsError(f"n (bootstrap resamples) must be >= 1, got {n}")
+    if not 0.0 < float(alpha) < 1.0:
+        raise MetricsError(f"alpha must be in (0, 1), e.g. 0.05 for a 95 % interval; got {alpha}")
+
+
+def cluster_mean_ci(values: Sequence[float], groups: Optional[Sequence] = None, n: int = 1000,
+                    seed: int = 0, alpha: float = 0.05) -> Dict[str, object]:
+    """The mean of per-sample values with a percentile cluster-bootstrap interval.
+
+    Each resample draws G of the G clusters with replacement; its statistic is the mean over every
+    sample of the drawn clusters, sum_g c_g S_g / sum_g c_g m_g (c_g = times cluster g was drawn,
+    S_g its sum, m_g its size). With one sample per cluster (``groups`` None) this is the ordinary
+    bootstrap of a mean. Used for paired per-cell differences (method minus reference): the mean
+    difference and whether its interval excludes 0.
+
+    >>> r = cluster_mean_ci([1.0, 1.0, 1.0], n=50)
+    >>> r["estimate"], r["low"], r["high"]
+    (1.0, 1.0, 1.0)
+
+    Args:
+        values: (N,) finite numbers (NaN entries are dropped with their group entry).
+        groups: optional (N,) cluster ids (e.g. the cluster image of each cell).
+        n: resamples B.
+        seed: seed of ``numpy.random.default_rng``.
+        alpha: 1 - confidence level.
+    Returns:
+        {"estimate", "low", "high", "n", "n_groups", "alpha", "n_boot", "seed"}; estimate and
+        bounds are None when no value is left.
+    """
+    _check_alpha_n(n, alpha)
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    c = _cluster_index(groups, v.size)
+    keep = ~np.isnan(v)
+    v, c = v[keep], np.unique(c[keep], return_inverse=True)[1].reshape(-1)
+    out = {"estimate": None, "low": None, "high": None, "n": int(v.size), "n_groups": 0,
+           "alpha": float(alpha), "n_boot": int(n), "seed": int(seed)}
+    if v.size == 0:
+        return out
+    g = int(c.max()) + 1
+    sums, sizes = np.bincount(c, v, g), np.bincount(c, minlength=g).astype(np.float64)
+    draws = np.random.default_rng(seed).multinomial(g, np.full(g, 1.0 / g), size=int(n))
+    stats = (draws @ sums) / (draws @ sizes)
+    low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
+    out.update(estimate=float(v.mean()), low=float(low), high=float(high), n_groups=g)
+    return out
+
+
+def _stratum_weights(n1: np.ndarray, n0: np.ndarray, weights: str) -> np.ndarray:
+    """Per-stratum weights (..., K); 0 where an arm is empty."""
+    both = (n1 > 0) & (n0 > 0)
+    if weights == "mh":                  # Mantel-Haenszel risk-difference weights
+        w = np.where(both, n1 * n0 / np.maximum(n1 + n0, 1), 0.0)
+    elif weights == "unexposed":         # standardised to the unexposed arm's class mix
+        w = np.where(both, n0, 0.0)
+    else:                                # "equal": the mean of the per-class differences
+        w = both.astype(np.float64)
+    return w.astype(np.float64)
+
+
+def class_adjusted_difference(outcome: Sequence[float], arm: Sequence[bool], strata: Sequence,
+                              groups: Optional[Sequence] = None, weights: str = "mh",
+                              n: int = 2000, seed: int = 0, alpha: float = 0.05
+                              ) -> Dict[str, object]:
+    """Difference of a mean outcome between two arms, adjusted for strata (e.g. the class), with a
+    stratified cluster-bootstrap interval.
+
+    Within stratum k, d_k = mean(outcome | arm 1, k) - mean(outcome | arm 0, k); the estimate is
+    sum_k w_k d_k / sum_k w_k over the strata that have both arms, with
+        "mh"         w_k = n1_k n0_k / (n1_k + n0_k)   (Mantel-Haenszel risk difference),
+        "unexposed"  w_k = n0_k                        (standardised to arm 0's mix),
+        "equal"      w_k = 1                           (every class counts alike).
+    Comparing raw means instead would mix the arms' effect with their class mix: when the exposed
+    arm holds mostly easy classes it scores higher whatever the exposure did.
+
+    Interval: each resample draws, within every stratum, as many clusters as it has, with
+    replacement, and takes all their samples in both arms (a cluster in both arms stays paired);
+    the estimate is recomputed, weights included, and the alpha/2, 1 - alpha/2 quantiles are kept.
+    Clusters must lie within one stratum (a cluster image holds cells of one class).
+
+    >>> r = class_adjusted_difference([1, 1, 0, 0], [1, 1, 0, 0], ["a", "a", "a", "a"], n=20)
+    >>> r["estimate"]
+    1.0
+
+    Args:
+        outcome: (N,) per-sample outcomes (1 correct, 0 wrong; or any number).
+        arm: (N,) True for the exposed arm (e.g. a leaked cluster), False for the other.
+        strata: (N,) stratum of each sample (its class).
+        groups: optional (N,) cluster ids, each within one stratum.
+        weights: "mh", "unexposed" or "equal".
+        n, seed, alpha: resamples, seed, 1 - confidence level.
+    Returns:
+        {"estimate", "low", "high", "weights", "strata": [{"stratum", "n1", "n0", "mean1",
+        "mean0", "difference", "weight"}], "crude": raw mean1 - mean0, "n1", "n0", "n_groups",
+        "alpha", "n_boot", "seed"}; estimate None when no stratum has both arms.
+    Raises:
+        MetricsError: lengths differ, unknown weights, or a cluster spans two strata.
+    """
+    _check_alpha_n(n, alpha)
+    if weights not in ("mh", "unexposed", "equal"):
+        raise MetricsError(f"weights={weights!r}: choose mh, unexposed or equal")
+    y = np.asarray(outcome, dtype=np.float64).reshape(-1)
+    a = np.asarray(arm).astype(bool).reshape(-1)
+    s_names, s = np.unique(np.asarray(strata).astype(str), return_inverse=True)
+    if not (a.size == y.size == s.size):
+        raise MetricsError(f"outcome, arm and strata: lengths {y.size}, {a.size}, {s.size} differ")
+    c = _cluster_index(groups, y.size)
+    g, k = int(c.max()) + 1 if y.size else 0, len(s_names)
+    stratum_of = np.full(g, -1)
+    stratum_of[c] = s
+    if np.any(stratum_of[c] != s):
+        raise MetricsError("groups: a cluster holds samples of two strata; clusters must lie "
+                           "within one stratum (one class)")
+    # per cluster and arm: sums and counts (G, 2)
+    sums = np.stack([np.bincount(c, y * (a == arm_), g) for arm_ in (False, True)], 1)
+    sizes = np.stack([np.bincount(c, (a == arm_).astype(np.float64), g)
+                      for arm_ in (False, True)], 1)
+
+    def estimate(cnt: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """cnt (B, G) cluster multiplicities -> (estimate (B,), per-stratum d (B, K), w (B, K))."""
+        tot_s = np.zeros((cnt.shape[0], k, 2))
+        tot_n = np.zeros((cnt.shape[0], k, 2))
+        for j in range(k):
+            members = stratum_of == j
+            tot_s[:, j] = cnt[:, members] @ sums[members]
+            tot_n[:, j] = cnt[:, members] @ sizes[members]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = tot_s / tot_n
+        w = _stratum_weights(tot_n[..., 1], tot_n[..., 0], weights)
+        d = np.where(w > 0, mean[..., 1] - mean[..., 0], 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            est = np.where(w.sum(1) > 0, (w * d).sum(1) / w.sum(1), np.nan)
+        return est, np.where(w > 0, d, np.nan), w
+
+    est, d, w = estimate(np.ones((1, g)))
+    rng = np.random.default_rng(seed)
+    draws = np.zeros((int(n), g))
+    for j in range(k):
+        members = np.flatnonzero(stratum_of == j)
+        draws[:, members] = rng.multinomial(members.size, np.full(members.size, 1.0 / members.size),
+                                            size=int(n))
+    boot = estimate(draws)[0]
+    boot = boot[~np.isnan(boot)]
+    ok = not np.isnan(est[0]) and boot.size > 0
+    low, high = np.quantile(boot, [alpha / 2.0, 1.0 - alpha / 2.0]) if ok else (None, None)
+    table = []
+    for j, name in enumerate(s_names):
+        n1, n0 = int(sizes[stratum_of == j, 1].sum()), int(sizes[stratum_of == j, 0].sum())
+        m1 = float(sums[stratum_of == j, 1].sum() / n1) if n1 else None
+        m0 = float(sums[stratum_of == j, 0].sum() / n0) if n0 else None
+        table.append({"stratum": str(name), "n1": n1, "n0": n0, "mean1": m1, "mean0": m0,
+                      "difference": None if np.isnan(d[0, j]) else float(d[0, j]),
+                      "weight": float(w[0, j])})
+    n1, n0 = int(a.sum()), int((~a).sum())
+    crude = float(y[a].mean() - y[~a].mean()) if n1 and n0 else None
+    return {"estimate": float(est[0]) if ok else None,
+            "low": None if low is None else float(low), "high": None if high is None else float(high),
+            "weights": weights, "strata": table, "crude": crude, "n1": n1, "n0": n0,
+            "n_groups": g, "alpha": float(alpha), "n_boot": int(n), "seed": int(seed)}
+
+
+def verdict(interval: Dict[str, object], higher_is_better: bool = True) -> str:
+    """"beats", "loses" or "ties": whether a difference's interval lies above 0, below 0, or covers
+    it (for a lower-is-better score, such as deletion AUC, the sign is turned); "n/a" without one.
+
+    >>> verdict({"low": 0.01, "high": 0.2}), verdict({"low": -0.1, "high": 0.2})
+    ('beats', 'ties')
+    >>> verdict({"low": 0.01, "high": 0.2}, higher_is_better=False)
+    'loses'
+    """
+    low, high = interval.get("low"), interval.get("high")
+    if low is None or high is None:
+        return "n/a"
+    if low > 0:
+        return "beats" if higher_is_better else "loses"
+    if high < 0:
+        return "loses" if higher_is_better else "beats"
+    return "ties"
 
 
 # --------------------------------------------------------------------------------------------

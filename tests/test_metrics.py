@@ -311,3 +311,91 @@ def test_cluster_bootstrap_known_answers():
         assert (a["low"], a["high"]) == (b["low"], b["high"])
     s = M.summarize(t, p, ["a", "b"], n_boot=200, groups=groups)
     assert s["ci"]["accuracy"]["method"] == "cluster percentile" and "ci_cells" in s
+
+
+# --------------------------------------------------------------------------------------------
+# cluster_mean_ci, class_adjusted_difference, verdict
+# --------------------------------------------------------------------------------------------
+def test_cluster_mean_ci_exact_bootstrap_distribution():
+    """Values (1, 0 | 1, 1 | 0) in clusters a, b, c: mean 3/5. A resample draws counts
+    (c_a, c_b, c_c) ~ Multinomial(3, 1/3) and scores (c_a * 1 + c_b * 2) / (2 c_a + 2 c_b + c_c).
+    Its lowest value 0 (counts 0, 0, 3) and highest 1 (0, 3, 0) each have probability 1/27 = 3.7 %
+    > 2.5 %, so the exact 95 % percentile interval is [0, 1]; 20000 resamples find it."""
+    r = M.cluster_mean_ci([1, 0, 1, 1, 0], ["a", "a", "b", "b", "c"], n=20000, seed=1)
+    assert r["estimate"] == pytest.approx(0.6)
+    assert (r["low"], r["high"]) == (0.0, 1.0)
+    assert (r["n"], r["n_groups"]) == (5, 3)
+    # NaN values drop out with their cluster; a constant sample has a zero-width interval
+    r = M.cluster_mean_ci([2.0, np.nan, 2.0], ["a", "b", "c"], n=100)
+    assert (r["estimate"], r["low"], r["high"], r["n"], r["n_groups"]) == (2.0, 2.0, 2.0, 2, 2)
+    assert M.cluster_mean_ci([np.nan])["estimate"] is None
+
+
+def _two_arm_table():
+    """Class A: arm 1 9/10 correct, arm 0 8/10; class B: arm 1 15/30, arm 0 1/5."""
+    rows = []
+    for cls, n1, k1, n0, k0 in (("A", 10, 9, 10, 8), ("B", 30, 15, 5, 1)):
+        rows += [(cls, 1, int(i < k1)) for i in range(n1)] + [(cls, 0, int(i < k0)) for i in range(n0)]
+    strata, arm, y = zip(*rows)
+    return np.array(y), np.array(arm, bool), np.array(strata)
+
+
+def test_class_adjusted_difference_hand_table():
+    """d_A = 0.9 - 0.8 = 0.1, d_B = 0.5 - 0.2 = 0.3. Mantel-Haenszel weights n1 n0 / (n1 + n0):
+    w_A = 100 / 20 = 5, w_B = 150 / 35 = 30 / 7, so the estimate is (5 * 0.1 + 30/7 * 0.3) /
+    (5 + 30/7) = (1/2 + 9/7) / (65/7) = (25/14) / (65/7) = 5/26. Equal weights: 0.2; standardised
+    to arm 0's mix (10, 5): (1 + 1.5) / 15 = 1/6. The crude difference 24/40 - 9/15 = 0 hides the
+    effect because arm 1 holds mostly the hard class B."""
+    y, arm, strata = _two_arm_table()
+    r = M.class_adjusted_difference(y, arm, strata, n=200)
+    assert r["estimate"] == pytest.approx(5 / 26)
+    assert r["crude"] == pytest.approx(0.0)
+    assert (r["n1"], r["n0"]) == (40, 15)
+    by = {s["stratum"]: s for s in r["strata"]}
+    assert by["A"]["difference"] == pytest.approx(0.1) and by["A"]["weight"] == pytest.approx(5)
+    assert by["B"]["difference"] == pytest.approx(0.3) and by["B"]["weight"] == pytest.approx(30 / 7)
+    assert M.class_adjusted_difference(y, arm, strata, weights="equal", n=10)["estimate"] == \
+        pytest.approx(0.2)
+    assert M.class_adjusted_difference(y, arm, strata, weights="unexposed", n=10)["estimate"] == \
+        pytest.approx(1 / 6)
+    assert r["low"] <= r["estimate"] <= r["high"]
+
+
+def test_class_adjusted_difference_resamples_clusters_not_cells():
+    """20 clusters of 10 identical cells (all right or all wrong), 10 per arm, one class. Each
+    resample draws cluster multiplicities; since a cluster's cells are identical, the data with
+    each cluster collapsed to one cell gives exactly the same resamples and interval. Ignoring the
+    clusters (200 'independent' cells) gives a narrower, wrong interval."""
+    rng = np.random.default_rng(0)
+    cluster_y = rng.integers(0, 2, 20)
+    cluster_arm = np.arange(20) < 10
+    y, arm, g = np.repeat(cluster_y, 10), np.repeat(cluster_arm, 10), np.repeat(np.arange(20), 10)
+    strata = np.zeros(200)
+    clustered = M.class_adjusted_difference(y, arm, strata, groups=g, n=500, seed=3)
+    collapsed = M.class_adjusted_difference(cluster_y, cluster_arm, np.zeros(20),
+                                            groups=np.arange(20), n=500, seed=3)
+    cells = M.class_adjusted_difference(y, arm, strata, n=500, seed=3)
+    assert (clustered["low"], clustered["high"]) == pytest.approx((collapsed["low"], collapsed["high"]))
+    assert clustered["estimate"] == pytest.approx(collapsed["estimate"])
+    assert cells["high"] - cells["low"] < 0.5 * (clustered["high"] - clustered["low"])
+    with pytest.raises(M.MetricsError, match="two strata"):
+        M.class_adjusted_difference([1, 0], [1, 0], ["A", "B"], groups=["g", "g"])
+
+
+def test_class_adjusted_difference_stratum_without_both_arms_is_left_out():
+    """Class C has only arm-1 cells: it carries no comparison and gets weight 0."""
+    y, arm, strata = _two_arm_table()
+    r = M.class_adjusted_difference(np.concatenate([y, [1, 1]]), np.concatenate([arm, [True, True]]),
+                                    np.concatenate([strata, ["C", "C"]]), n=50)
+    assert r["estimate"] == pytest.approx(5 / 26)
+    assert {s["stratum"]: s["weight"] for s in r["strata"]}["C"] == 0.0
+    none = M.class_adjusted_difference([1, 0], [1, 1], ["A", "A"], n=10)
+    assert none["estimate"] is None and none["low"] is None
+
+
+def test_verdict_signs():
+    assert M.verdict({"low": 0.01, "high": 0.2}) == "beats"
+    assert M.verdict({"low": -0.2, "high": -0.01}) == "loses"
+    assert M.verdict({"low": -0.2, "high": 0.01}) == "ties"
+    assert M.verdict({"low": -0.2, "high": -0.01}, higher_is_better=False) == "beats"
+    assert M.verdict({"low": None, "high": None}) == "n/a"
