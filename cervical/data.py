@@ -813,6 +813,71 @@ def split_folds(labels: Sequence[int], groups: Sequence[str], k: int, seed: int 
     return out
 
 
+def randomise_leak(assign: np.ndarray, labels: Sequence[int], groups: Sequence[str], moved: int,
+                   seed: int = 42, fold: int = 0) -> Tuple[np.ndarray, dict]:
+    """The randomised-leak design: a grouped split in which half the test cluster images leak.
+
+    The question it answers: how much more accurate is a model on cells whose cluster image gave
+    it training cells (the study's leak), everything else equal? Starting from a grouped split
+    (no cluster image in two splits), in every class the test cluster images with more than
+    ``moved`` test cells are sorted by size and taken in pairs of neighbours; a coin decides which
+    of each pair is "leaked" (``moved`` of its cells, drawn at random, move to train) and which is
+    "held out" (``moved`` of its cells are set aside, in no split, so both arms keep the same
+    number of test cells per cluster). An odd cluster left over gets its own coin. One model
+    then sees both kinds, and the accuracy on the remaining test cells of leaked against held-out
+    clusters, class by class, is the leak: same model, same procedure, same preparation, same
+    cluster sizes and class mix on both sides, only the leak differs. Test clusters with too few
+    cells stay in test outside both arms.
+
+    Args:
+        assign: (N,) "train" / "val" / "test" of a grouped split (no group in two splits).
+        labels: (N,) class labels.
+        groups: (N,) cluster-image ids.
+        moved: cells per leaked cluster moved to train (and per held-out cluster set aside), >= 1.
+        seed, fold: the draw is ``default_rng([seed, 7, fold])``: same arguments, same design.
+    Returns:
+        (new assignment with "" for cells set aside, {"moved", "leaked": [group, ...],
+        "held_out": [group, ...], "moved_cells": n, "set_aside_cells": n}).
+    Raises:
+        DataError: moved < 1, or a group in two splits (not a grouped split).
+    """
+    if moved < 1:
+        raise DataError(f"--leak-cells {moved}: must be 1 or more (0 = no leak design)")
+    y, g = np.asarray(labels), np.asarray(groups)
+    out = np.asarray(assign, dtype=object).copy()
+    splits_of: Dict[str, set] = {}
+    for gi, si in zip(g.tolist(), out.tolist()):
+        splits_of.setdefault(gi, set()).add(si)
+    if any(len(v) > 1 for v in splits_of.values()):
+        raise DataError("--leak-cells: needs a grouped split (a cluster image is in two splits); "
+                        "use --split grouped")
+    rng = np.random.default_rng([seed, 7, fold])
+    leaked, held = [], []
+    for c in np.unique(y):
+        test_groups, sizes = np.unique(g[(out == "test") & (y == c)], return_counts=True)
+        eligible = test_groups[sizes > moved]
+        size = sizes[sizes > moved]
+        order = rng.permutation(len(eligible))              # random tie order, then by size
+        order = order[np.argsort(size[order], kind="stable")]
+        for i in range(0, len(order), 2):
+            pair = [eligible[j] for j in order[i:i + 2]]
+            if len(pair) == 2 and rng.random() < 0.5:
+                pair.reverse()
+            if len(pair) == 1 and rng.random() < 0.5:
+                held.append(pair[0])
+                continue
+            leaked.append(pair[0])
+            held.extend(pair[1:])
+    for group_list, target in ((leaked, "train"), (held, "")):
+        for grp in group_list:
+            members = np.flatnonzero((g == grp) & (out == "test"))
+            out[rng.choice(members, size=moved, replace=False)] = target
+    design = {"moved": int(moved), "leaked": sorted(map(str, leaked)),
+              "held_out": sorted(map(str, held)), "moved_cells": int(moved * len(leaked)),
+              "set_aside_cells": int(moved * len(held))}
+    return out, design
+
+
 #: A class or stem name in a split manifest: no path separators, no "..", nothing hidden.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]*")
 
@@ -1160,6 +1225,7 @@ class PrepareOptions:
     augment_order: str = "rgb"         # "rgb" | "bgr" (the study's channel order)
     variant: str = "standard"          # whose defaults filled the options above
     synthetic: str = "default"         # the synthetic generator's difficulty ("hard")
+    leak_cells: int = 0                # > 0: the randomised-leak design (randomise_leak)
 
 
 @dataclasses.dataclass
@@ -1228,7 +1294,7 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             progress: Optional[files.Progress] = None, variant: str = "standard",
             augment_at: Optional[str] = None, fill: Optional[str] = None,
             jpeg_quality: Optional[int] = None, augment_order: Optional[str] = None,
-            synthetic: str = "default") -> dict:
+            synthetic: str = "default", leak_cells: int = 0) -> dict:
     """Raw dataset -> prepared dataset folder (thesis ch. 5: size analysis, resize, split, augment).
 
     Everything is written to a staging folder beside ``out`` and renamed into place at the end,
@@ -1259,8 +1325,11 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             every augmented copy once made), as the study's conversion to .jpg (95) did.
         augment_order: "rgb", or "bgr": run the augmenters on the channel-reversed image, as the
             study's OpenCV arrays were (it changes the CLAHE/gamma, Canny and colour groups).
-        synthetic: with dataset "synthetic": the generator's "default" (easy) or "hard" setting
-            (cervical.synthetic.Difficulty).
+        synthetic: with dataset "synthetic": the generator's setting ("default", "hard",
+            "hard-uniform"; cervical.synthetic.Difficulty).
+        leak_cells: > 0 (grouped splits only): the randomised-leak design of ``randomise_leak``:
+            in half the test cluster images of every class, this many cells move to train; the
+            design is recorded in dataset.json ("leak_design").
     Returns:
         A summary dict (also stored in dataset.json).
     """
@@ -1277,12 +1346,17 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
     split_kind, manifest_csv = resolve_split_spec(chosen["split"])
     if folds and split_kind != "grouped":
         raise DataError("--folds: K-fold splits are grouped; drop --split or use --split grouped")
+    if leak_cells and split_kind != "grouped":
+        raise DataError("--leak-cells: the leak design starts from a grouped split; use --split "
+                        "grouped")
+    if leak_cells < 0 or leak_cells > 50:
+        raise DataError(f"--leak-cells {leak_cells}: must be 0 (off) to 50")
     opts = PrepareOptions(dataset, None if data_dir is None else Path(data_dir), task, class_map,
                           size, chosen["resize"], chosen["interpolation"], chosen["split"],
                           split_kind, manifest_csv, folds, augment, seed, per_class,
                           workers or os.cpu_count() or 1, save_images, progress,
                           chosen["augment_at"], chosen["fill"], int(chosen["jpeg_quality"]),
-                          chosen["augment_order"], variant, synthetic)
+                          chosen["augment_order"], variant, synthetic, int(leak_cells))
     _check_out_vs_data_dir(out, data_dir)
     with files.output_lock(out):
         stage = _stage_dir(out, overwrite)
@@ -1328,7 +1402,7 @@ def _prepare_into(stage: Path, out: Path, opts: PrepareOptions) -> dict:
                          class_names, cells.images, opts.seed)
     files.write_json(stage / "analysis" / "size_analysis.json", sizes)
     info = _dataset_info(raw, opts, task_name, cmap, sizes, cells)
-    assignments = _assign_splits(cells, opts)
+    assignments, designs = _assign_splits(cells, opts)
     copies = _augment_train(cells, assignments, opts)
     fold_infos = []
     for k, assign in enumerate(assignments):
@@ -1338,7 +1412,8 @@ def _prepare_into(stage: Path, out: Path, opts: PrepareOptions) -> dict:
         write_prepared(target, {s: _rows_to_arrays(r, cells.masks is not None)
                                 for s, r in splits.items() if r}, class_names,
                        dict(info, fold=k if opts.folds else None, folds=opts.folds or None,
-                            group_overlap=_group_overlap(assign, cells.groups)),
+                            group_overlap=_group_overlap(assign, cells.groups),
+                            **({"leak_design": designs[k]} if designs[k] else {})),
                        save_images=opts.save_images)
         fold_infos.append(read_info(target))
     _write_skipped(stage, cells.skipped, raw)
@@ -1439,15 +1514,23 @@ def _dataset_info(raw: _RawSource, opts: PrepareOptions, task_name: str, cmap, s
     }
 
 
-def _assign_splits(cells: _Cells, opts: PrepareOptions) -> List[np.ndarray]:
-    """One (N,) array of "train"/"val"/"test" per fold (a single one without --folds)."""
+def _assign_splits(cells: _Cells, opts: PrepareOptions
+                   ) -> Tuple[List[np.ndarray], List[Optional[dict]]]:
+    """One (N,) array of "train"/"val"/"test" per fold (a single one without --folds), and the
+    leak design of each ("" marks cells set aside by it; None without --leak-cells)."""
     if opts.split_kind == "thesis":
-        return [split_thesis(cells.labels, opts.seed)]
-    if opts.split_kind == "manifest":
-        return [split_from_manifest(cells.records, opts.manifest_csv)]
-    if opts.folds:
-        return split_folds(cells.labels, cells.groups, opts.folds, opts.seed)
-    return [split_grouped(cells.labels, cells.groups, opts.seed)]
+        assignments = [split_thesis(cells.labels, opts.seed)]
+    elif opts.split_kind == "manifest":
+        assignments = [split_from_manifest(cells.records, opts.manifest_csv)]
+    elif opts.folds:
+        assignments = split_folds(cells.labels, cells.groups, opts.folds, opts.seed)
+    else:
+        assignments = [split_grouped(cells.labels, cells.groups, opts.seed)]
+    if not opts.leak_cells:
+        return assignments, [None] * len(assignments)
+    pairs = [randomise_leak(a, cells.labels, cells.groups, opts.leak_cells, opts.seed, k)
+             for k, a in enumerate(assignments)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _augment_train(cells: _Cells, assignments: List[np.ndarray], opts: PrepareOptions

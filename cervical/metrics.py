@@ -53,6 +53,7 @@ __all__ = [
     "bootstrap_ci",
     "cluster_mean_ci",
     "class_adjusted_difference",
+    "balanced_contrasts",
     "verdict",
     "summarize",
     "NAMED_METRICS",
@@ -703,6 +704,93 @@ def class_adjusted_difference(outcome: Sequence[float], arm: Sequence[bool], str
             "low": None if low is None else float(low), "high": None if high is None else float(high),
             "weights": weights, "strata": table, "crude": crude, "n1": n1, "n0": n0,
             "n_groups": g, "alpha": float(alpha), "n_boot": int(n), "seed": int(seed)}
+
+
+def balanced_contrasts(outcome: Sequence[float], arm: Sequence, strata: Sequence,
+                       contrasts: Dict[str, Dict[str, float]], groups: Optional[Sequence] = None,
+                       n: int = 2000, seed: int = 0, alpha: float = 0.05) -> Dict[str, object]:
+    """Class-balanced means of several arms and linear contrasts between them, with one joint
+    stratified cluster bootstrap.
+
+    The class-balanced mean of arm a is B_a = (1/K_a) sum_k mean(outcome | a, k) over the K_a
+    strata the arm has (for 0/1 correctness: its balanced accuracy, the mean per-class recall), so
+    arms whose test sets hold other class mixes are compared at equal class weights. A contrast
+    is sum_a c_a B_a, e.g. {"study": 1, "ours": -1}. Every resample draws cluster multiplicities
+    within each stratum once and applies them to every arm: a cluster that several arms tested
+    (the same test cells under two protocols) stays paired, so two arms that score the same cells
+    identically differ by exactly 0 in every resample.
+
+    Args:
+        outcome: (N,) per-sample outcome (1 correct, 0 wrong).
+        arm: (N,) arm name of each sample.
+        strata: (N,) stratum (class) of each sample.
+        contrasts: {name: {arm: coefficient}}.
+        groups: optional (N,) cluster ids, each within one stratum (across arms).
+        n, seed, alpha: resamples, seed, 1 - confidence level.
+    Returns:
+        {"arms": {arm: {"estimate", "low", "high", "n"}}, "contrasts": {name: {"estimate", "low",
+        "high", "coefficients"}}, "n_groups", "n_boot", "seed", "alpha"}.
+    Raises:
+        MetricsError: lengths differ, a contrast names an unknown arm, or a cluster spans strata.
+    """
+    _check_alpha_n(n, alpha)
+    y = np.asarray(outcome, dtype=np.float64).reshape(-1)
+    arm_names, a = np.unique(np.asarray(arm).astype(str), return_inverse=True)
+    _, s = np.unique(np.asarray(strata).astype(str), return_inverse=True)
+    if not (a.size == y.size == s.size):
+        raise MetricsError(f"outcome, arm and strata: lengths {y.size}, {a.size}, {s.size} differ")
+    for name, coef in contrasts.items():
+        unknown = sorted(set(coef) - set(arm_names.tolist()))
+        if unknown:
+            raise MetricsError(f"contrast {name!r}: unknown arm {unknown[0]!r}; arms are "
+                               f"{', '.join(arm_names)}")
+    c = _cluster_index(groups, y.size)
+    g, k, m = int(c.max()) + 1, int(s.max()) + 1, len(arm_names)
+    stratum_of = np.full(g, -1)
+    stratum_of[c] = s
+    if np.any(stratum_of[c] != s):
+        raise MetricsError("groups: a cluster holds samples of two strata; clusters must lie "
+                           "within one stratum (one class)")
+    sums = np.stack([np.bincount(c, y * (a == j), g) for j in range(m)], 1)        # (G, A)
+    sizes = np.stack([np.bincount(c, (a == j).astype(np.float64), g) for j in range(m)], 1)
+    coef = np.array([[contrasts[name].get(arm_name, 0.0) for name in contrasts]
+                     for arm_name in arm_names], dtype=np.float64).reshape(m, len(contrasts))
+
+    def balanced(cnt: np.ndarray) -> np.ndarray:
+        """cnt (B, G) -> (B, A) class-balanced means."""
+        per = np.empty((cnt.shape[0], k, m))
+        for j in range(k):
+            members = stratum_of == j
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per[:, j] = (cnt[:, members] @ sums[members]) / (cnt[:, members] @ sizes[members])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)        # an arm without any sample
+            return np.nanmean(per, axis=1)
+
+    point = balanced(np.ones((1, g)))[0]
+    rng = np.random.default_rng(seed)
+    draws = np.zeros((int(n), g))
+    for j in range(k):
+        members = np.flatnonzero(stratum_of == j)
+        draws[:, members] = rng.multinomial(members.size, np.full(members.size, 1.0 / members.size),
+                                            size=int(n))
+    boot = balanced(draws)
+    q = (alpha / 2.0, 1.0 - alpha / 2.0)
+
+    def interval(values: np.ndarray, estimate: float) -> Dict[str, Optional[float]]:
+        v = values[~np.isnan(values)]
+        if np.isnan(estimate) or v.size == 0:
+            return {"estimate": None, "low": None, "high": None}
+        low, high = np.quantile(v, q)
+        return {"estimate": float(estimate), "low": float(low), "high": float(high)}
+
+    arms = {str(name): {**interval(boot[:, j], point[j]), "n": int(sizes[:, j].sum())}
+            for j, name in enumerate(arm_names)}
+    out = {name: {**interval(boot @ coef[:, i], float(point @ coef[:, i])),
+                  "coefficients": dict(contrasts[name])}
+           for i, name in enumerate(contrasts)}
+    return {"arms": arms, "contrasts": out, "n_groups": g, "n_boot": int(n), "seed": int(seed),
+            "alpha": float(alpha)}
 
 
 def verdict(interval: Dict[str, object], higher_is_better: bool = True) -> str:

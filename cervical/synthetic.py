@@ -182,7 +182,7 @@ class Difficulty:
     training, which is the mechanism by which the study's cell-level split inflates accuracy.
 
     Attributes:
-        name: "default" or "hard".
+        name: "default", "hard" or "hard-uniform".
         widen: each morphology range (low, high) of ClassSpec becomes centre +- widen x half-width
             (clipped to valid values), so the ranges of neighbouring classes overlap.
         p_atypical: chance that a cell is drawn with the morphology of a neighbouring class
@@ -198,10 +198,15 @@ class Difficulty:
     cluster_spread: float = 1.0
 
 
-#: The generator's settings: the easy default, and the overlapping, strongly clustered "hard" one.
+#: The generator's settings: the easy default; the overlapping, strongly clustered "hard" one; and
+#: "hard-uniform", the hard classes with every cluster image under the same conditions (spread 0:
+#: each condition at its centre), where knowing a cluster image can teach nothing about its other
+#: cells - the audit's negative control.
 DIFFICULTIES = MappingProxyType({"default": Difficulty(),
                                  "hard": Difficulty("hard", widen=2.0, p_atypical=0.3,
-                                                    cluster_spread=2.0)})
+                                                    cluster_spread=2.0),
+                                 "hard-uniform": Difficulty("hard-uniform", widen=2.0,
+                                                            p_atypical=0.3, cluster_spread=0.0)})
 
 #: Classes whose cells resemble each other (the atypical cells of the hard setting): the mature
 #: squamous pair, the immature pair, and dyskeratotic cells between koilocytes and metaplasia.

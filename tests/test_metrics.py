@@ -399,3 +399,28 @@ def test_verdict_signs():
     assert M.verdict({"low": -0.2, "high": 0.01}) == "ties"
     assert M.verdict({"low": -0.2, "high": -0.01}, higher_is_better=False) == "beats"
     assert M.verdict({"low": None, "high": None}) == "n/a"
+
+
+def test_balanced_contrasts_hand_table_and_pairing():
+    """Arm x: class A 3/4 right, class B 1/2 -> balanced accuracy (0.75 + 0.5) / 2 = 0.625;
+    arm y: A 1/2, B 1/2 -> 0.5; contrast x - y = 0.125 (the crude accuracies 4/6 and 2/4 would give
+    1/6). Arm z scores exactly arm y's cells (same clusters, same outcomes): z - y is 0 in every
+    joint resample, so its interval is [0, 0]."""
+    rows = [("x", "A", 1), ("x", "A", 1), ("x", "A", 1), ("x", "A", 0), ("x", "B", 1), ("x", "B", 0)]
+    y_rows = [("y", "A", 1), ("y", "A", 0), ("y", "B", 1), ("y", "B", 0)]
+    rows += y_rows + [("z",) + r[1:] for r in y_rows]
+    arm, strata, out = map(np.array, zip(*rows))
+    groups = [f"{s}{i}" for i, s in enumerate(strata)]
+    for i in range(4):                                   # z's cells are y's cells (same clusters)
+        groups[10 + i] = groups[6 + i]
+    r = M.balanced_contrasts(out.astype(float), arm, strata,
+                             {"x-y": {"x": 1, "y": -1}, "z-y": {"z": 1, "y": -1}}, groups=groups,
+                             n=300, seed=0)
+    assert r["arms"]["x"]["estimate"] == pytest.approx(0.625)
+    assert r["arms"]["y"]["estimate"] == pytest.approx(0.5)
+    assert r["contrasts"]["x-y"]["estimate"] == pytest.approx(0.125)
+    zy = r["contrasts"]["z-y"]
+    assert (zy["estimate"], zy["low"], zy["high"]) == pytest.approx((0.0, 0.0, 0.0))
+    assert r["arms"]["x"]["n"] == 6
+    with pytest.raises(M.MetricsError, match="unknown arm"):
+        M.balanced_contrasts([1.0], ["x"], ["A"], {"bad": {"w": 1}})
