@@ -82,6 +82,10 @@ def _progress(step: str, done: int, total: int) -> None:
 # prepare
 # ------------------------------------------------------------------------------------------------
 
+#: The synthetic generator's settings (cervical.synthetic.DIFFICULTIES; a test checks the match).
+SYNTHETIC_CHOICES = ("default", "hard", "hard-uniform")
+
+
 def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=["sipakmed", "herlev", "folders", "synthetic", "auto"],
                    default="synthetic",
@@ -128,11 +132,17 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="augmented copies per train image (6 gives the study's x7, 2589 -> 18123; "
                         "0 disables) (default: %(default)s)")
     p.add_argument("--seed", type=_int_in(0, "seed"), default=42, help="split/augmentation seed (default: %(default)s)")
+    p.add_argument("--synthetic", choices=SYNTHETIC_CHOICES, default="default",
+                   help="synthetic only: the easy default set; hard (overlapping classes and "
+                        "strongly clustered imaging conditions, where a cell-level split can "
+                        "leak); or hard-uniform (the hard classes, one imaging condition for "
+                        "every cluster image) (default: %(default)s)")
     p.add_argument("--hard", dest="synthetic", action="store_const", const="hard",
-                   default="default",
-                   help="synthetic only: overlapping classes and strongly clustered imaging "
-                        "conditions, the setting in which a cell-level split can leak (default: "
-                        "the easy set)")
+                   help="the same as --synthetic hard")
+    p.add_argument("--leak-cells", type=_int_in(0, "augment"), default=0,
+                   help="the randomised-leak design on a grouped split: in half the test cluster "
+                        "images of each class (chosen by coin), move N cells to train; in the "
+                        "other half set N aside (default: %(default)s = off)")
     p.add_argument("--per-class", type=_int_in(0, "per_class"), default=None,
                    help="synthetic only: cells per class (default: 120; 'full' sizes via "
                         "--per-class 0 = the real SIPaKMeD counts)")
@@ -155,7 +165,7 @@ def run_prepare(args) -> int:
         save_images=not args.no_images, overwrite=args.overwrite, progress=_progress,
         variant=args.variant, augment_at=args.augment_at, fill=args.fill,
         jpeg_quality=args.jpeg_quality, augment_order=args.augment_order,
-        synthetic=args.synthetic)
+        synthetic=args.synthetic, leak_cells=args.leak_cells)
     print(data.format_summary(summary))
     return 0
 
@@ -397,13 +407,24 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=["synthetic", "sipakmed"], default="synthetic",
                    help="raw data layout (default: %(default)s)")
     p.add_argument("--model", choices=MODEL_CHOICES, default="tiny",
-                   help="the model both protocols train (default: %(default)s)")
+                   help="the model every arm trains (default: %(default)s)")
     p.add_argument("--regime", choices=REGIME_CHOICES, default="finetune",
-                   help="training regime (default: %(default)s)")
+                   help="training regime; cost-sensitive continues each arm's fine-tuned run "
+                        "(default: %(default)s)")
     p.add_argument("--seeds", type=_int_in(1, "seeds"), default=3,
-                   help="runs per protocol (default: %(default)s)")
-    p.add_argument("--folds", type=_int_in(0, "folds"), default=0,
-                   help="K >= 2: the corrected protocol is grouped K-fold (default: seeds)")
+                   help="runs per protocol arm (default: %(default)s)")
+    p.add_argument("--folds", type=_int_in(2, "folds"), default=5,
+                   help="grouped folds of the randomised-leak design; every cluster image is "
+                        "tested once (default: %(default)s)")
+    p.add_argument("--leak-cells", type=_int_in(1, "augment"), default=2,
+                   help="cells per leaked test cluster moved to training, and per held-out "
+                        "cluster set aside (default: %(default)s)")
+    p.add_argument("--factorial", action="store_true",
+                   help="train all 8 (split, preparation, procedure) arms instead of moving one "
+                        "factor at a time")
+    p.add_argument("--no-controls", dest="controls", action="store_false",
+                   help="skip the negative control (the leak design on data where a leak cannot "
+                        "help); the report then says nothing was checked")
     p.add_argument("--epochs", type=_int_in(1, "epochs"), default=50,
                    help="maximum epochs (default: %(default)s, the study's)")
     p.add_argument("--size", type=_int_in(8, "size"), default=110,
@@ -414,32 +435,39 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
                    help="images per step (default: %(default)s)")
     p.add_argument("--weights", default=None,
                    help="backbone weights: imagenet | none | FILE (default: train's)")
+    p.add_argument("--synthetic", choices=SYNTHETIC_CHOICES, default="hard",
+                   help="generated data: hard (cluster images differ strongly, classes overlap), "
+                        "default (the easy set) or hard-uniform (no cluster conditions) "
+                        "(default: %(default)s)")
     p.add_argument("--easy", dest="synthetic", action="store_const", const="default",
-                   default="hard",
-                   help="generated data: the easy default set instead of the hard one, in which "
-                        "cluster images differ strongly and classes overlap")
+                   help="the same as --synthetic default")
     p.add_argument("--per-class", type=_int_in(0, "per_class"), default=0,
                    help="generated data: cells per class; 0 = SIPaKMeD's 4049 with the study's "
                         "file names (default: %(default)s)")
-    p.add_argument("--n-boot", type=_int_in(0, "n_boot"), default=1000,
-                   help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--n-boot", type=_int_in(0, "n_boot"), default=2000,
+                   help="bootstrap resamples of every interval (default: %(default)s)")
     p.add_argument("--out", default="outputs/audit", help="audit folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke test: 24 cells per class, 40 px, 2 epochs, one seed")
+                   help="a smoke test: 24 cells per class, 32 px, 2 epochs, one seed, 2 folds")
 
 
 def run_audit(args) -> int:
     from cervical import audit
 
     options = {k: getattr(args, k) for k in ("data_dir", "dataset", "model", "regime", "seeds",
-                                             "folds", "epochs", "size", "augment", "batch_size",
-                                             "weights", "synthetic", "per_class", "n_boot", "out")}
+                                             "folds", "leak_cells", "epochs", "size", "augment",
+                                             "batch_size", "weights", "synthetic", "per_class",
+                                             "n_boot", "out", "factorial", "controls")}
     if args.quick:
         options.update(audit.QUICK)
     result = audit.run_audit(audit.AuditConfig(**options), progress=_progress,
                              say=lambda line: print(line, flush=True))
     print(audit.format_audit(result).rstrip())
     print(f"\naudit written to {args.out}/audit.md")
+    if result["controls"]["passed"] is False:
+        sys.stderr.write(f"cli.py audit: a control failed (see {args.out}/audit.md, Controls); "
+                         f"the estimates are not to be trusted\n")
+        return 1
     return 0
 
 

@@ -1,4 +1,5 @@
-"""cervical.audit: the leak statistics by hand, the study's own split, refusal, and a quick run."""
+"""cervical.audit: the leak statistics and the leak design by hand, the decomposition's algebra,
+the controls' verdicts, the study's own split, refusal, and a quick run."""
 
 import csv
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cervical import audit, data
+from cervical import audit, data, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,34 +31,6 @@ def test_leak_stats_known_answer():
                  "groups_in_several_splits": 2}
 
 
-def test_intervals_over_seeds_known_answer():
-    """Student's t-interval with n - 1 = 2 degrees of freedom, derived by hand: the t CDF with 2
-    degrees of freedom is 1/2 + t / (2 sqrt(2 + t^2)), so its 97.5 % quantile solves
-    t / sqrt(2 + t^2) = 0.95, i.e. t^2 = 2 * 0.9025 / 0.0975 (t = 4.3027). Accuracies 0.6, 0.7,
-    0.8 (mean 0.7, sd 0.1) give 0.7 -+ t * 0.1 / sqrt(3). The study-minus-corrected difference is
-    paired by seed: against 0.5, 0.5, 0.5 it is 0.1, 0.2, 0.3, the same half-width around 0.2."""
-    t975 = np.sqrt(2 * 0.9025 / 0.0975)
-    half = t975 * 0.1 / np.sqrt(3)
-    runs = []
-    for k, (study, corrected) in enumerate(zip((0.6, 0.7, 0.8), (0.5, 0.5, 0.5))):
-        for protocol, acc in (("study", study), ("corrected", corrected)):
-            runs.append({"protocol": protocol, "seed": k, "accuracy": acc, "macro_f1": acc,
-                         "leak": {}, "by_leak": {"shared": {"accuracy": acc},
-                                                 "unshared": {"accuracy": acc - 0.2}}})
-    s = audit._summarise(audit.AuditConfig(), runs, "manifest:thesis")
-    study = s["protocols"]["study"]["accuracy"]
-    assert study["mean"] == pytest.approx(0.7)
-    assert (study["low"], study["high"]) == pytest.approx((0.7 - half, 0.7 + half), abs=1e-12)
-    diff = s["difference_study_minus_corrected"]["accuracy"]
-    assert (diff["mean"], diff["low"], diff["high"]) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
-    corrected = s["protocols"]["corrected"]["accuracy"]
-    assert (corrected["low"], corrected["high"]) == pytest.approx((0.5, 0.5))   # no spread
-    gap = s["study_shared_vs_unshared"]["difference"]
-    assert (gap["mean"], gap["low"], gap["high"]) == pytest.approx((0.2, 0.2, 0.2))
-    assert audit._t_interval([0.4]) == {"mean": 0.4, "low": None, "high": None, "n": 1}
-    assert audit._t_interval([None])["mean"] is None
-
-
 def test_the_study_split_leaks_745_of_812_test_cells():
     """The study's exact membership (data/splits/thesis_split.csv): a cluster image is a (class,
     NNN) pair; 745 of its 812 test cells share one with train or val, 566 of 966 images span
@@ -68,6 +41,143 @@ def test_the_study_split_leaks_745_of_812_test_cells():
     s = audit.leak_stats(rows)
     assert (s["test_cells"], s["shared_test_cells"]) == (812, 745)
     assert (s["groups"], s["groups_in_several_splits"]) == (966, 566)
+
+
+def test_the_study_split_confounds_sharing_with_class():
+    """Why the shared-vs-unshared contrast must be class-adjusted: under the study's split every
+    unshared test cell is Dyskeratotic (20), Koilocytotic (22) or Metaplastic (25); every
+    Parabasal and Superficial-Intermediate test cell is shared."""
+    with open(audit.THESIS_SPLIT_CSV, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    held = {(r["class"], r["stem"].split("_")[0]) for r in rows if r["split"] != "test"}
+    unshared = {}
+    for r in rows:
+        if r["split"] == "test" and (r["class"], r["stem"].split("_")[0]) not in held:
+            unshared[r["class"]] = unshared.get(r["class"], 0) + 1
+    assert unshared == {"Dyskeratotic": 20, "Koilocytotic": 22, "Metaplastic": 25}
+
+
+def _toy_grouped_split():
+    """Class 0: test clusters a (3 cells), b (3), c (5), d (5), e (2); class 1: f (4), g (4), h (3).
+    Plus train clusters t0 (class 0) and t1 (class 1)."""
+    sizes = {"a": (0, 3), "b": (0, 3), "c": (0, 5), "d": (0, 5), "e": (0, 2),
+             "f": (1, 4), "g": (1, 4), "h": (1, 3)}
+    labels, groups, assign = [], [], []
+    for g, (c, n) in sizes.items():
+        labels += [c] * n
+        groups += [g] * n
+        assign += ["test"] * n
+    for g, c in (("t0", 0), ("t1", 1)):
+        labels += [c] * 4
+        groups += [g] * 4
+        assign += ["train"] * 4
+    return np.array(assign, dtype=object), np.array(labels), np.array(groups)
+
+
+def test_randomise_leak_pairs_by_size_balanced_and_seeded():
+    """With 2 cells moved, clusters need >= 3 test cells: e (2 cells) is ineligible. Class 0's
+    eligible clusters sorted by size are (a, b | c, d): each pair gives one leaked and one held-out
+    cluster, so class 0 has 2 + 2. Class 1 has f, g (size 4) paired, and h alone gets its own
+    coin: 2 in one arm, 1 in the other. A leaked cluster has exactly 2 cells moved to train, a
+    held-out one exactly 2 set aside (""), so both keep n - 2 test cells. Same seed, same design."""
+    assign, labels, groups = _toy_grouped_split()
+    out, design = data.randomise_leak(assign, labels, groups, moved=2, seed=5)
+    leaked, held = set(design["leaked"]), set(design["held_out"])
+    assert not leaked & held and "e" not in leaked | held
+    assert len(leaked & set("abcd")) == 2 and len(held & set("abcd")) == 2
+    assert len(leaked & {"a", "b"}) == 1 and len(leaked & {"c", "d"}) == 1   # pairs of equal size
+    assert {len(leaked & set("fgh")), len(held & set("fgh"))} == {1, 2}
+    assert len(leaked & {"f", "g"}) == 1
+    for g in leaked:
+        assert np.sum((groups == g) & (out == "train")) == 2
+    for g in held:
+        assert np.sum((groups == g) & (out == "")) == 2
+        assert not np.any((groups == g) & (out == "train"))
+    n_test = {g: int(np.sum((groups == g) & (out == "test"))) for g in leaked | held}
+    assert n_test == {g: int(np.sum(groups == g)) - 2 for g in leaked | held}
+    assert design["moved_cells"] == 2 * len(leaked) and design["set_aside_cells"] == 2 * len(held)
+    again, design2 = data.randomise_leak(assign, labels, groups, moved=2, seed=5)
+    assert design2 == design and list(again) == list(out)
+    designs = {tuple(data.randomise_leak(assign, labels, groups, 2, seed=s)[1]["leaked"])
+               for s in range(20)}
+    assert len(designs) > 4                               # the coin really moves with the seed
+
+
+def test_randomise_leak_refuses_a_cell_level_split():
+    assign, labels, groups = _toy_grouped_split()
+    assign[0] = "train"                                   # cluster a now spans train and test
+    with pytest.raises(data.DataError, match="grouped split"):
+        data.randomise_leak(assign, labels, groups, moved=2)
+    with pytest.raises(data.DataError, match="--leak-cells 0"):
+        data.randomise_leak(*_toy_grouped_split(), moved=0)
+
+
+def _cells(arm, per_class):
+    """Cells of one arm: {class: (right, total)}, one cluster per cell, cluster ids shared by arm
+    index so that arms test the same cells."""
+    out = []
+    for c, (right, total) in per_class.items():
+        out += [{"arm": arm, "class": c, "group": f"{c}{i}", "correct": int(i < right),
+                 "exposure": "", "correct_bn": ""} for i in range(total)]
+    return out
+
+
+def test_decomposition_algebra_known_answer():
+    """Balanced accuracies by hand (two classes of 4 cells): ours (2/4, 2/4) = 0.5; split alone
+    (4/4, 2/4) = 0.75; preparation alone (2/4, 2/4) = 0.5; procedure alone (3/4, 2/4) = 0.625;
+    study (4/4, 4/4) = 1. Effects: split +0.25, preparation 0, procedure +0.125, total +0.5, and
+    the interaction total - sum of the three = 0.5 - 0.375 = +0.125. The preparation arm scores
+    exactly ours' cells, so its interval is [0, 0]."""
+    cells = (_cells("ours", {"A": (2, 4), "B": (2, 4)})
+             + _cells("study-split", {"A": (4, 4), "B": (2, 4)})
+             + _cells("study-prep", {"A": (2, 4), "B": (2, 4)})
+             + _cells("study-procedure", {"A": (3, 4), "B": (2, 4)})
+             + _cells("study", {"A": (4, 4), "B": (4, 4)}))
+    e = audit._effects(audit.AuditConfig(n_boot=200), cells)["contrasts"]
+    assert e["split alone"]["estimate"] == pytest.approx(0.25)
+    assert e["procedure alone"]["estimate"] == pytest.approx(0.125)
+    assert e["total (study - ours)"]["estimate"] == pytest.approx(0.5)
+    assert e["interaction (total - sum of the three)"]["estimate"] == pytest.approx(0.125)
+    prep = e["preparation alone"]
+    assert (prep["estimate"], prep["low"], prep["high"]) == pytest.approx((0.0, 0.0, 0.0))
+
+
+def test_leak_estimate_is_the_class_adjusted_contrast():
+    """The audit's leak number is metrics.class_adjusted_difference (Mantel-Haenszel) of leaked
+    vs held-out cells: class A leaked 3/4 vs held 1/4, class B leaked 1/2 vs held 1/2 -> MH weights
+    4*4/8 = 2 and 2*2/4 = 1, estimate (2 * 0.5 + 1 * 0) / 3 = 1/3."""
+    cells = []
+    for c, kind, right, total in (("A", "leaked", 3, 4), ("A", "held_out", 1, 4),
+                                  ("B", "leaked", 1, 2), ("B", "held_out", 1, 2)):
+        cells += [{"arm": "leak", "class": c, "group": f"{c}{kind}{i}", "exposure": kind,
+                   "correct": int(i < right), "correct_bn": ""} for i in range(total)]
+    r = audit._exposure_contrast(cells, "leaked", "held_out", 300)
+    assert r["estimate"] == pytest.approx(1 / 3)
+    assert r["low"] <= r["estimate"] <= r["high"]
+
+
+@pytest.mark.parametrize("leak, negative, expect", [
+    ((0.02, 0.09), (-0.03, 0.04), (True, True, True)),
+    ((-0.01, 0.09), (-0.03, 0.04), (False, True, False)),    # positive control not seen
+    ((0.02, 0.09), (0.01, 0.04), (True, False, False)),      # a 'leak' where none can be
+])
+def test_control_verdicts(leak, negative, expect):
+    cfg = audit.AuditConfig(synthetic="hard")
+    c = audit._controls(cfg, {"low": leak[0], "high": leak[1]},
+                        {"low": negative[0], "high": negative[1]})
+    assert (c["positive"]["passed"], c["negative"]["passed"], c["passed"]) == expect
+    real = audit._controls(audit.AuditConfig(data_dir="x", dataset="sipakmed"),
+                           {"low": -0.1, "high": 0.2}, None)
+    assert real == {"positive": None, "negative": None, "passed": None}
+
+
+def test_plan_arms_one_at_a_time_and_factorial():
+    names = [a.name for a in audit.plan_arms(audit.AuditConfig())]
+    assert names == ["ours", "study-split", "study-prep", "study-procedure", "study", "leak",
+                     "negative"]
+    full = audit.plan_arms(audit.AuditConfig(factorial=True, controls=False))
+    factors = {(a.split, a.preparation, a.procedure) for a in full if a.split != "leak"}
+    assert len(factors) == 8 and [a.name for a in full][-1] == "leak"
 
 
 def _sipakmed_without_clusters(root: Path):
@@ -98,28 +208,60 @@ def test_refuses_data_without_cluster_groups(tmp_path, capsys):
         audit.run_audit(audit.AuditConfig(folds=1, out=str(tmp_path / "c")))
 
 
+def test_cli_exits_1_when_a_control_fails(tmp_path, monkeypatch, capsys):
+    """A failed control is not bad input (2) but a result the reader must not trust: status 1,
+    one line on stderr naming the report."""
+    sys.path.insert(0, str(ROOT))
+    import cli
+
+    fake = {"controls": {"passed": False}}
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: fake)
+    monkeypatch.setattr(audit, "format_audit", lambda r: "report")
+    code = cli.main(["audit", "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "control failed" in err[0]
+
+
 @pytest.mark.slow
 def test_quick_audit_writes_everything_and_resumes(tmp_path):
     cfg = audit.AuditConfig(out=str(tmp_path / "audit"), **audit.QUICK)
     result = audit.run_audit(cfg)
     out = tmp_path / "audit"
-    for name in ("audit.json", "audit.md", "audit.png"):
+    for name in ("audit.json", "audit.md", "audit.png", "cells.csv"):
         assert (out / name).is_file()
     assert json.loads((out / "audit.json").read_text())["runs"] == json.loads(
         json.dumps(result["runs"]))
     assert result["study_split"] == "thesis"              # 24 cells per class: not the 4049 names
-    study, corrected = result["leak"]["study"], result["leak"]["corrected"]
-    assert corrected["shared_test_cells"] == 0            # grouped: no cluster image shared
-    assert study["shared_test_cells"] > 0
-    # the leak counts are those of the prepared manifests
+    counts = result["leak_counts"]
+    assert counts["ours"]["shared_test_cells"] == 0       # grouped: no cluster image shared
+    assert counts["study"]["shared_test_cells"] > 0
+    with open(out / "cells.csv", newline="") as fh:
+        cells = list(csv.DictReader(fh))
     for r in result["runs"]:
         assert r["leak"] == audit.leak_stats(data.read_manifest(r["prepared"]))
-        assert r["by_leak"]["shared"]["n"] + r["by_leak"]["unshared"]["n"] == r["n"]
+        assert sum(1 for c in cells if c["arm"] == r["arm"] and int(c["unit"]) == r["unit"]) == r["n"]
+        design = data.read_info(r["prepared"]).get("leak_design")
+        if r["arm"] in ("leak", "negative"):             # leaked clusters have train cells now
+            rows = data.read_manifest(r["prepared"])
+            train_groups = {x["group"] for x in rows if x["split"] == "train"}
+            assert set(design["leaked"]) <= train_groups
+            assert not set(design["held_out"]) & train_groups
+        else:
+            assert design is None
+    # the study-procedure runs were re-evaluated with re-estimated BatchNorm statistics
+    assert all(c["correct_bn"] != "" for c in cells if c["arm"] in ("study", "study-procedure"))
+    assert all(c["correct_bn"] == "" for c in cells if c["arm"] == "ours")
+    # the leak number is the class-adjusted contrast of the leak runs' cells
+    leak_cells = [c for c in cells if c["arm"] == "leak" and c["exposure"]]
+    direct = metrics.class_adjusted_difference(
+        [int(c["correct"]) for c in leak_cells], [c["exposure"] == "leaked" for c in leak_cells],
+        [c["class"] for c in leak_cells], [c["group"] for c in leak_cells], n=cfg.n_boot, seed=0)
+    assert result["leak"]["estimate"] == pytest.approx(direct["estimate"])
     # a second call trains nothing again: it reuses the finished runs
     stamp = {r["run"]: (Path(r["run"]) / "model.keras").stat().st_mtime_ns for r in result["runs"]}
     t0 = time.time()
     again = audit.run_audit(cfg)
-    assert time.time() - t0 < 20
+    assert time.time() - t0 < 40
     assert {r["run"]: (Path(r["run"]) / "model.keras").stat().st_mtime_ns
             for r in again["runs"]} == stamp
-    assert again["protocols"] == result["protocols"]
+    assert again["effects"] == result["effects"]
