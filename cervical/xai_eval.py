@@ -1488,11 +1488,17 @@ HEADLINE_SCORES = (("nucleus_energy", "nucleus energy"), ("nucleus_pointing", "n
                    ("road_lerf_minus_morf", "ROAD LeRF − MoRF"))
 
 
+def _signed(v: float) -> str:
+    """+0.120; a non-zero value that would print as 0.000 keeps its size (e.g. -2.1e-05), so a
+    verdict on a tiny difference is visibly about a tiny difference."""
+    return f"{v:+.3f}" if v == 0.0 or abs(v) >= 5e-4 else f"{v:+.1e}"
+
+
 def _diff(c: Optional[Dict[str, Any]]) -> str:
     """A paired difference with its interval, e.g. "+0.120 [+0.050, +0.190]"."""
     if not c or c.get("estimate") is None:
         return "n/a"
-    return f"{c['estimate']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+    return f"{_signed(c['estimate'])} [{_signed(c['low'])}, {_signed(c['high'])}]"
 
 
 def _arrow(score: str) -> str:
@@ -1547,8 +1553,8 @@ def _control_clause(comp: Dict[str, Any], methods: List[str], ref: str, key: str
         return f"no method beats the {control} ({detail})"
     text = ", ".join(f"{names.get(m, m)} ({_diff(c)})" for m, c in wins)
     rest = len(rows) - len(wins)
-    return (f"{text} {'beats' if len(wins) == 1 else 'beat'} the {control}"
-            + (f" (the other {rest} do not)" if rest else ""))
+    tail = "" if not rest else " (the other does not)" if rest == 1 else f" (the other {rest} do not)"
+    return f"{text} {'beats' if len(wins) == 1 else 'beat'} the {control}{tail}"
 
 
 def _score_sentence(comp: Dict[str, Any], methods: List[str], refs: List[str], key: str,
