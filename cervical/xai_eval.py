@@ -1488,17 +1488,19 @@ HEADLINE_SCORES = (("nucleus_energy", "nucleus energy"), ("nucleus_pointing", "n
                    ("road_lerf_minus_morf", "ROAD LeRF − MoRF"))
 
 
-def _signed(v: float) -> str:
-    """+0.120; a non-zero value that would print as 0.000 keeps its size (e.g. -2.1e-05), so a
-    verdict on a tiny difference is visibly about a tiny difference."""
-    return f"{v:+.3f}" if v == 0.0 or abs(v) >= 5e-4 else f"{v:+.1e}"
-
-
 def _diff(c: Optional[Dict[str, Any]]) -> str:
-    """A paired difference with its interval, e.g. "+0.120 [+0.050, +0.190]"."""
+    """A paired difference with its interval, e.g. "+0.120 [+0.050, +0.190]".
+
+    Three decimals, or as many as give the largest of the three numbers 3 significant digits when
+    it is below 0.01 ("-0.000146 [-0.000171, -0.000121]"), so a verdict on a tiny difference is
+    visibly about a tiny difference.
+    """
     if not c or c.get("estimate") is None:
         return "n/a"
-    return f"{_signed(c['estimate'])} [{_signed(c['low'])}, {_signed(c['high'])}]"
+    values = (c["estimate"], c["low"], c["high"])
+    top = max(abs(v) for v in values)
+    d = 3 if top == 0.0 or top >= 0.01 else min(10, 2 - int(np.floor(np.log10(top))))
+    return "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}]".format(*values, d=d)
 
 
 def _arrow(score: str) -> str:

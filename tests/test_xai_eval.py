@@ -610,3 +610,11 @@ def test_evaluate_methods_paired_verdicts_on_a_dark_nucleus():
                              predict=region_model, settings=X.EvalSettings(n_sanity=0, road=False, n_boot=50))
     assert off["road_fractions"] is None and "road_morf_auc" not in off["per_cell"]["box"]
     assert off["paired"]["interval_over"] == "cells" and "ROAD" not in X.format_metrics_md(off)
+
+
+def test_paired_difference_format_keeps_small_differences_visible():
+    assert X._diff({"estimate": 0.12, "low": 0.05, "high": 0.19}) == "+0.120 [+0.050, +0.190]"
+    # largest |value| 1.71e-4 < 0.01: 2 - floor(log10 1.71e-4) = 6 decimals (3 significant digits)
+    assert X._diff({"estimate": -1.46e-4, "low": -1.71e-4, "high": -1.21e-4}) == \
+        "-0.000146 [-0.000171, -0.000121]"
+    assert X._diff({"estimate": None, "low": None, "high": None}) == "n/a"
