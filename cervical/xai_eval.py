@@ -411,9 +411,11 @@ _NEIGHBOURS = ((-1, 0, 1 / 6), (1, 0, 1 / 6), (0, -1, 1 / 6), (0, 1, 1 / 6),
 def _imputation_system(removed: np.ndarray, x: np.ndarray):
     """The sparse system A v = b of :func:`noisy_linear_imputation` for the removed pixels.
 
-    Unknowns are the removed pixels in raster order. Row i: v_i - sum_{j removed} w_ij v_j =
-    sum_{j kept} w_ij x_j, with w_ij the neighbour weight renormalised over the neighbours of i that
-    lie inside the image.
+    Unknowns are the removed pixels in raster order. Row i is the imputation equation
+    v_i = sum_j c_ij v_j / t_i (t_i = sum of c_ij over the neighbours j of i inside the image)
+    multiplied by t_i: t_i v_i - sum_{j removed} c_ij v_j = sum_{j kept} c_ij x_j. As c_ij = c_ji,
+    A is symmetric; it is diagonally dominant with a strictly dominant row in every connected
+    block, hence positive definite, so it can be factorised without pivoting.
 
     Returns:
         (A (n, n) CSC matrix, b (n, C) float64 right-hand sides, (rows, cols) of the unknowns).
@@ -425,22 +427,19 @@ def _imputation_system(removed: np.ndarray, x: np.ndarray):
     n = ry.size
     index = np.full((h, w), -1, dtype=np.int64)
     index[ry, rx] = np.arange(n)
-    total = np.zeros(n)
-    for dy, dx, wt in _NEIGHBOURS:
-        total += wt * ((ry + dy >= 0) & (ry + dy < h) & (rx + dx >= 0) & (rx + dx < w))
-    rows, cols, vals = [np.arange(n)], [np.arange(n)], [np.ones(n)]
+    rows, cols, vals = [np.arange(n)], [np.arange(n)], [np.zeros(n)]
     b = np.zeros((n, x.shape[-1]))
-    for dy, dx, wt in _NEIGHBOURS:
+    for dy, dx, c in _NEIGHBOURS:
         ny, nx = ry + dy, rx + dx
         inside = np.flatnonzero((ny >= 0) & (ny < h) & (nx >= 0) & (nx < w))
+        vals[0][inside] += c                                     # t_i on the diagonal
         j = index[ny[inside], nx[inside]]
-        weight = wt / total[inside]
         unknown = j >= 0
         rows.append(inside[unknown])
         cols.append(j[unknown])
-        vals.append(-weight[unknown])
+        vals.append(np.full(int(unknown.sum()), -c))
         known = inside[~unknown]
-        b[known] += weight[~unknown, None] * x[ny[known], nx[known]]
+        b[known] += c * x[ny[known], nx[known]]
     a = scipy.sparse.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                                 shape=(n, n))
     return a, b, (ry, rx)
@@ -454,7 +453,9 @@ def noisy_linear_imputation(image: np.ndarray, removed: np.ndarray, noise: float
         v_i = sum_{j in N(i)} w_ij v_j,   w_ij = c_ij / sum_{k in N(i)} c_ik,
     c = 1/6 for the 4 direct and 1/12 for the 4 diagonal neighbours; kept neighbours enter as the
     constants x_j, removed ones as unknowns. The sparse system (one matrix, one right-hand side per
-    channel) is factorised once (``scipy.sparse.linalg.splu``) and solved for all channels. Then
+    channel; symmetric positive definite once each row is multiplied by its weight total, see
+    ``_imputation_system``) is factorised once (``scipy.sparse.linalg.splu`` in symmetric mode) and
+    solved for all channels. Then
     Gaussian noise of standard deviation ``noise * (max x - min x)`` (the image's own value range) is
     added to the imputed values only, with ``numpy.random.default_rng(seed)``: ROAD adds sd 0.01 to
     images on a unit scale, and scaling by the range makes 0.01 mean the same on a uint8 image
@@ -492,7 +493,8 @@ def noisy_linear_imputation(image: np.ndarray, removed: np.ndarray, noise: float
     if r.all():
         raise XaiEvalError("removed: every pixel is removed; keep at least one pixel to impute from")
     a, b, (ry, rx) = _imputation_system(r, x)
-    values = splu(a).solve(b)
+    values = splu(a, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                  options={"SymmetricMode": True}).solve(b)
     sd = float(noise) * float(x.max() - x.min())
     if sd > 0.0:
         values = values + np.random.default_rng(seed).normal(0.0, sd, size=values.shape)

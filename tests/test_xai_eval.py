@@ -369,6 +369,8 @@ def test_sparse_imputation_equals_a_dense_numpy_reference():
     removed = rng.uniform(size=(7, 9)) < 0.55
     expected = _dense_imputation(img, removed)
     np.testing.assert_allclose(X.noisy_linear_imputation(img, removed, noise=0.0), expected, rtol=1e-5, atol=1e-4)
+    a, _, _ = X._imputation_system(removed, img.astype(np.float64))
+    assert abs(a - a.T).max() == 0.0                     # symmetric: factorised without pivoting
 
 
 def test_imputation_noise_scale_seed_and_errors():
