@@ -455,15 +455,14 @@ def noisy_linear_imputation(image: np.ndarray, removed: np.ndarray, noise: float
     constants x_j, removed ones as unknowns. The sparse system (one matrix, one right-hand side per
     channel; symmetric positive definite once each row is multiplied by its weight total, see
     ``_imputation_system``) is factorised once (``scipy.sparse.linalg.splu`` in symmetric mode) and
-    solved for all channels. Then
-    Gaussian noise of standard deviation ``noise * (max x - min x)`` (the image's own value range) is
-    added to the imputed values only, with ``numpy.random.default_rng(seed)``: ROAD adds sd 0.01 to
-    images on a unit scale, and scaling by the range makes 0.01 mean the same on a uint8 image
-    (2.55 grey levels) as on a [0, 1] one.
+    solved for all channels. Then Gaussian noise of standard deviation ``noise * (max x - min x)``
+    (the image's own value range) is added to the imputed values only, with
+    ``numpy.random.default_rng(seed)``: ROAD adds sd 0.01 to images on a unit scale, and scaling by
+    the range makes 0.01 mean the same on a uint8 image (2.55 grey levels) as on a [0, 1] one.
 
     Every 8-connected component of removed pixels touches a kept pixel (unless all are removed), so
-    the rows of A = I - W are diagonally dominant with at least one strict row per component and A
-    is invertible. Known answers: a constant image is imputed as the constant (each row sums to
+    every component has a row whose diagonal exceeds the sum of its off-diagonal entries, and the
+    system has one solution. Known answers: a constant image is imputed as the constant (each row sums to
     one); so is a linear ramp x = a r + b c + d around a hole away from the border, because with the
     full symmetric neighbourhood sum_j w_ij (a dr + b dc) = 0 over the pairs of opposite offsets
     (+-dr, +-dc) and the ramp solves every row (at the border the renormalised one-sided mean does
@@ -595,9 +594,8 @@ def road_auc(fractions: np.ndarray, values: np.ndarray) -> Union[float, np.ndarr
 
     S = curve_auc(f, v) / (f_last - f_first), the mean height of the curve, so a constant curve p
     scores p whichever percentages are used (a single percentage scores its own value). MoRF: lower
-    is better; LeRF: higher is better; LeRF - MoRF: higher is better (Rong et al. note that the two
-    orders alone can favour maps for reasons other than faithfulness; their difference is the
-    steadier summary).
+    is better; LeRF: higher is better; LeRF - MoRF: higher is better (both orders in one number: a
+    map must make the prediction fall when its top pixels go and keep it when its bottom pixels go).
     """
     f = np.asarray(fractions, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
@@ -1538,7 +1536,7 @@ def _paired_section(metrics: Dict[str, Any], names: Dict[str, str]) -> List[str]
     return lines + ["", "**Verdict.** " + " ".join(s for s in sentences if s)]
 
 
-_PLURAL = {"loses": "lose", "ties": "tie", "beats": "beat", "n/a": "n/a"}
+_PLURAL = {"loses": "lose", "ties": "tie", "n/a": "n/a"}
 
 
 def _control_clause(comp: Dict[str, Any], methods: List[str], ref: str, key: str,
