@@ -21,10 +21,11 @@ What ``explain_run`` does (thesis section 6.4, Figs 6.5-6.8, made reproducible a
    - ``cells.json``: the chosen cells and the files written for each.
 
 4. With ``evaluate=True``: on ``n_eval`` class-balanced, seeded cells of the split, every metric of
-   :func:`cervical.xai_eval.evaluate_methods` (deletion/insertion AUC, nucleus and cell energy share
-   and pointing game against the masks with their chance levels, time per cell, the cascading
-   randomisation sanity check, two reference maps), written to ``xai_metrics.json``,
-   ``xai_metrics.md`` and ``xai_curves.png``.
+   :func:`cervical.xai_eval.evaluate_methods` (deletion/insertion AUC, ROAD MoRF/LeRF, nucleus and
+   cell energy share and pointing game against the masks with their chance levels, time per cell,
+   the cascading randomisation sanity check, four model-free reference maps and the paired
+   comparison of every method with each of them, intervals over the cells' cluster images),
+   written to ``xai_metrics.json``, ``xai_metrics.md`` and ``xai_curves.png``.
 
 ``images=[...]`` explains arbitrary image files instead of a split, with the same preprocessing as the
 prepared dataset (decode to RGB, pad to square, resize to the model's input size).
@@ -601,7 +602,8 @@ def _evaluate(model: Any, target: _Target, methods: Sequence[str], layer: Option
     metrics = xai_eval.evaluate_methods(
         model, part.x[idx], part.y[idx], None if part.masks is None else part.masks[idx], fns,
         predict=_probabilities(model), settings=settings,
-        extra_seconds={"lime": superpixels.seconds_per_image}, progress=_prefixed(progress, "explain: "))
+        extra_seconds={"lime": superpixels.seconds_per_image}, progress=_prefixed(progress, "explain: "),
+        groups=[part.groups[i] for i in idx])
     metrics["settings"].update({"lime_samples": int(lime_options["lime_samples"]),
                                 "lime_segments": int(lime_options["lime_segments"]),
                                 "faster_scorecam_max_n": int(lime_options["max_n"])})

@@ -13,6 +13,16 @@ models", BMVC 2018)
     "Removed" pixels take the value of a baseline image, by default a strongly blurred copy of the
     image (see :func:`blur_baseline`).
 
+ROAD, remove and debias (Rong, Leemann, Borisov, Kasneci & Kasneci, "A consistent and efficient
+evaluation strategy for attribution methods", ICML 2022)
+    Deleting to a baseline leaves the outline of the deleted region in the image, and a model can
+    read the class from that outline instead of from the pixels themselves. ROAD fills the removed
+    pixels by noisy linear imputation instead: each removed pixel equals the weighted mean of its 8
+    neighbours (1/6 direct, 1/12 diagonal, renormalised at the border), one sparse linear system per
+    image, plus a little Gaussian noise, so the filled region carries almost nothing about its shape.
+    MoRF removes the p % most salient pixels (a faithful map makes p_t drop: lower is better), LeRF
+    the p % least salient ones (p_t should stay: higher is better); LeRF - MoRF summarises both.
+
 Localisation against expert masks (Wang et al., "Score-CAM", CVPR-W 2020, energy-based pointing game;
 Zhang et al., "Top-down neural attention by excitation backprop", IJCV 2018, pointing game)
     energy share = sum(a+ * s) / sum(a+): the share of the map's positive energy inside the mask s;
@@ -30,13 +40,24 @@ randomisation)
 Cost
     :func:`timed` measures the wall time of a call with an injectable clock.
 
+Controls and paired comparisons
+    A map can score well without explaining the model: cells are cropped around their nucleus, so a
+    fixed centred Gaussian lands on it, and nuclei are dark, so "1 - grey level" finds them too.
+    :func:`reference_maps` gives four model-free maps - random, centred Gaussian, darkness and Sobel
+    edges - and every method is held against each of them cell by cell: d_i = s_method(i) -
+    s_reference(i), its mean with a percentile cluster-bootstrap interval (cells of one cluster image
+    resampled together; :func:`cervical.metrics.cluster_mean_ci`) and a verdict, beats / ties /
+    loses, from the side of 0 the interval lies on (:func:`paired_comparisons`). A method that does
+    not beat a control on a score has shown nothing on that score, and the report says so.
+
 Several methods at once
     :func:`evaluate_methods` runs all of the above for a set of explainers (small callables
-    ``explain(model, images, classes) -> maps``) on a set of cells, beside two model-free reference
-    maps (:func:`reference_maps`), and :func:`format_metrics_md` writes the tables.
+    ``explain(model, images, classes) -> maps``) on a set of cells, beside the reference maps, and
+    :func:`format_metrics_md` writes the tables and a verdict paragraph generated from the intervals.
 
 This module imports only NumPy at import time; Keras is imported inside :func:`weighted_layers` and the
-randomisation check, scikit-image inside :func:`blur_baseline`, Matplotlib inside :func:`plot_curves`.
+randomisation check, scikit-image inside :func:`blur_baseline`, SciPy inside the ROAD imputation,
+cervical.metrics inside :func:`paired_comparisons`, Matplotlib inside :func:`plot_curves`.
 """
 
 from __future__ import annotations
@@ -61,6 +82,12 @@ __all__ = [
     "curve_auc",
     "deletion_auc",
     "insertion_auc",
+    "ROAD_PERCENTAGES",
+    "noisy_linear_imputation",
+    "road_pixels",
+    "road_images",
+    "road_curves",
+    "road_auc",
     "energy_share",
     "pointing_hit",
     "area_fraction",
@@ -72,6 +99,12 @@ __all__ = [
     "randomisation_check",
     "mean_std",
     "timed",
+    "LOWER_IS_BETTER",
+    "default_pairs",
+    "paired_comparisons",
+    "REFERENCE_TITLES",
+    "darkness_map",
+    "sobel_edges",
     "reference_maps",
     "choose_eval_cells",
     "EvalSettings",
@@ -260,6 +293,27 @@ def _predict(predict: Any, batch: np.ndarray) -> np.ndarray:
     return out
 
 
+def _class_probs(predict: Any, build: Callable[[int], np.ndarray], n_cells: int, per_cell: int,
+                 class_index: Union[int, Sequence[int], np.ndarray], batch_size: int) -> np.ndarray:
+    """(n_cells, per_cell) probabilities of each cell's class c_i for its images ``build(i)``.
+
+    The images of several cells are stacked into model batches of at most ``batch_size`` images
+    (at least one cell per batch).
+    """
+    classes = np.broadcast_to(np.asarray(class_index, dtype=np.int64), (n_cells,))
+    if int(batch_size) < 1:
+        raise XaiEvalError(f"batch_size: must be >= 1, got {batch_size}")
+    cells_per_batch = max(1, int(batch_size) // per_cell)
+    probs = np.zeros((n_cells, per_cell), dtype=np.float64)
+    for start in range(0, n_cells, cells_per_batch):
+        idx = range(start, min(start + cells_per_batch, n_cells))
+        out = _predict(predict, np.concatenate([build(i) for i in idx])).reshape(len(idx), per_cell, -1)
+        if classes.min() < 0 or classes.max() >= out.shape[-1]:
+            raise XaiEvalError(f"class_index: values must lie in [0, {out.shape[-1] - 1}], got {class_index!r}")
+        probs[start:start + len(idx)] = out[np.arange(len(idx)), :, classes[start:start + len(idx)]]
+    return probs
+
+
 def perturbation_curves(predict: Any, images: np.ndarray, saliencies: np.ndarray,
                         class_index: Union[int, Sequence[int], np.ndarray], mode: str = "deletion",
                         baseline: Baseline = "blur", sigma: Optional[float] = None,
@@ -290,20 +344,9 @@ def perturbation_curves(predict: Any, images: np.ndarray, saliencies: np.ndarray
     a = np.asarray(saliencies, dtype=np.float64)
     if x.ndim != 4 or a.shape != x.shape[:3]:
         raise XaiEvalError(f"images/saliencies: expected (B, H, W, C) and (B, H, W), got {x.shape} and {a.shape}")
-    classes = np.broadcast_to(np.asarray(class_index, dtype=np.int64), (len(x),))
-    if int(batch_size) < 1:
-        raise XaiEvalError(f"batch_size: must be >= 1, got {batch_size}")
-    per_cell = int(steps) + 1
-    cells_per_batch = max(1, int(batch_size) // per_cell)
-    probs = np.zeros((len(x), per_cell), dtype=np.float64)
-    for start in range(0, len(x), cells_per_batch):
-        idx = range(start, min(start + cells_per_batch, len(x)))
-        batch = np.concatenate([
-            perturbation_images(x[i], a[i], make_baseline(x[i], baseline, sigma), mode, steps) for i in idx])
-        out = _predict(predict, batch).reshape(len(idx), per_cell, -1)
-        if classes.min() < 0 or classes.max() >= out.shape[-1]:
-            raise XaiEvalError(f"class_index: values must lie in [0, {out.shape[-1] - 1}], got {class_index!r}")
-        probs[start:start + len(idx)] = out[np.arange(len(idx)), :, classes[start:start + len(idx)]]
+    probs = _class_probs(
+        predict, lambda i: perturbation_images(x[i], a[i], make_baseline(x[i], baseline, sigma), mode, steps),
+        len(x), int(steps) + 1, class_index, batch_size)
     fractions = pixels_per_step(x.shape[1] * x.shape[2], steps) / float(x.shape[1] * x.shape[2])
     return fractions, probs
 
@@ -350,6 +393,216 @@ def deletion_auc(predict: Any, image: np.ndarray, saliency: np.ndarray, class_in
 def insertion_auc(predict: Any, image: np.ndarray, saliency: np.ndarray, class_index: int, **kwargs: Any) -> float:
     """Insertion AUC of one image (higher = more faithful); see :func:`perturbation_curves`."""
     return curve_auc(*insertion_curve(predict, image, saliency, class_index, **kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# ROAD: remove and debias (Rong et al. 2022)
+# --------------------------------------------------------------------------------------------
+#: Percentages of removed pixels on the ROAD curves of :func:`evaluate_methods`: few, so that an
+#: explain run stays fast (Rong et al. use 10, 20, ..., 90; pass those for the full curve).
+ROAD_PERCENTAGES = (10, 30, 50, 70, 90)
+
+#: Neighbours (dy, dx, weight) of the linear imputation: 1/6 for the 4 direct and 1/12 for the 4
+#: diagonal neighbours (they sum to 1).
+_NEIGHBOURS = ((-1, 0, 1 / 6), (1, 0, 1 / 6), (0, -1, 1 / 6), (0, 1, 1 / 6),
+               (-1, -1, 1 / 12), (-1, 1, 1 / 12), (1, -1, 1 / 12), (1, 1, 1 / 12))
+
+
+def _imputation_system(removed: np.ndarray, x: np.ndarray):
+    """The sparse system A v = b of :func:`noisy_linear_imputation` for the removed pixels.
+
+    Unknowns are the removed pixels in raster order. Row i is the imputation equation
+    v_i = sum_j c_ij v_j / t_i (t_i = sum of c_ij over the neighbours j of i inside the image)
+    multiplied by t_i: t_i v_i - sum_{j removed} c_ij v_j = sum_{j kept} c_ij x_j. As c_ij = c_ji,
+    A is symmetric; it is diagonally dominant with a strictly dominant row in every connected
+    block, hence positive definite, so it can be factorised without pivoting.
+
+    Returns:
+        (A (n, n) CSC matrix, b (n, C) float64 right-hand sides, (rows, cols) of the unknowns).
+    """
+    import scipy.sparse
+
+    h, w = removed.shape
+    ry, rx = np.nonzero(removed)
+    n = ry.size
+    index = np.full((h, w), -1, dtype=np.int64)
+    index[ry, rx] = np.arange(n)
+    rows, cols, vals = [np.arange(n)], [np.arange(n)], [np.zeros(n)]
+    b = np.zeros((n, x.shape[-1]))
+    for dy, dx, c in _NEIGHBOURS:
+        ny, nx = ry + dy, rx + dx
+        inside = np.flatnonzero((ny >= 0) & (ny < h) & (nx >= 0) & (nx < w))
+        vals[0][inside] += c                                     # t_i on the diagonal
+        j = index[ny[inside], nx[inside]]
+        unknown = j >= 0
+        rows.append(inside[unknown])
+        cols.append(j[unknown])
+        vals.append(np.full(int(unknown.sum()), -c))
+        known = inside[~unknown]
+        b[known] += c * x[ny[known], nx[known]]
+    a = scipy.sparse.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                                shape=(n, n))
+    return a, b, (ry, rx)
+
+
+def noisy_linear_imputation(image: np.ndarray, removed: np.ndarray, noise: float = 0.01,
+                            seed: Union[int, Sequence[int]] = 0) -> np.ndarray:
+    """ROAD's noisy linear imputation (Rong et al., ICML 2022): fill removed pixels from the kept ones.
+
+    Every removed pixel i takes the weighted mean of its 8 neighbours N(i) inside the image,
+        v_i = sum_{j in N(i)} w_ij v_j,   w_ij = c_ij / sum_{k in N(i)} c_ik,
+    c = 1/6 for the 4 direct and 1/12 for the 4 diagonal neighbours; kept neighbours enter as the
+    constants x_j, removed ones as unknowns. The sparse system (one matrix, one right-hand side per
+    channel; symmetric positive definite once each row is multiplied by its weight total, see
+    ``_imputation_system``) is factorised once (``scipy.sparse.linalg.splu`` in symmetric mode) and
+    solved for all channels. Then Gaussian noise of standard deviation ``noise * (max x - min x)``
+    (the image's own value range) is added to the imputed values only, with
+    ``numpy.random.default_rng(seed)``: ROAD adds sd 0.01 to images on a unit scale, and scaling by
+    the range makes 0.01 mean the same on a uint8 image (2.55 grey levels) as on a [0, 1] one.
+
+    Every 8-connected component of removed pixels touches a kept pixel (unless all are removed), so
+    every component has a row whose diagonal exceeds the sum of its off-diagonal entries, and the
+    system has one solution. Known answers: a constant image is imputed as the constant (each row sums to
+    one); so is a linear ramp x = a r + b c + d around a hole away from the border, because with the
+    full symmetric neighbourhood sum_j w_ij (a dr + b dc) = 0 over the pairs of opposite offsets
+    (+-dr, +-dc) and the ramp solves every row (at the border the renormalised one-sided mean does
+    not reproduce a ramp).
+
+    Args:
+        image: (H, W, C) image x.
+        removed: (H, W) mask of the pixels to replace (non-zero = removed).
+        noise: relative noise sd (>= 0); 0 gives the plain linear imputation.
+        seed: int or sequence of ints for the noise.
+
+    Returns:
+        (H, W, C) float32 image: kept pixels unchanged, removed pixels imputed (plus noise).
+
+    Raises:
+        XaiEvalError: on mismatched shapes, negative noise, or every pixel removed.
+    """
+    from scipy.sparse.linalg import splu
+
+    x = _as_image(image).astype(np.float64)
+    r = _as_mask(removed, x.shape[:2])
+    if not float(noise) >= 0.0:
+        raise XaiEvalError(f"noise: must be >= 0, got {noise}; use 0.01 as in ROAD")
+    out = x.copy()
+    if not r.any():
+        return out.astype(np.float32)
+    if r.all():
+        raise XaiEvalError("removed: every pixel is removed; keep at least one pixel to impute from")
+    a, b, (ry, rx) = _imputation_system(r, x)
+    values = splu(a, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                  options={"SymmetricMode": True}).solve(b)
+    sd = float(noise) * float(x.max() - x.min())
+    if sd > 0.0:
+        values = values + np.random.default_rng(seed).normal(0.0, sd, size=values.shape)
+    out[ry, rx] = values
+    return out.astype(np.float32)
+
+
+def road_pixels(n_pixels: int, percentages: Sequence[float] = ROAD_PERCENTAGES) -> np.ndarray:
+    """Number of removed pixels at each percentage: k = floor(p n / 100 + 1/2) (rounded half up).
+
+    Raises:
+        XaiEvalError: unless the percentages increase strictly, 0 <= p < 100 and k < n (ROAD needs
+            a kept pixel to impute from).
+    """
+    p = np.asarray(percentages, dtype=np.float64).reshape(-1)
+    if p.size == 0 or np.any(~np.isfinite(p)) or np.any(p < 0) or np.any(p >= 100):
+        raise XaiEvalError(f"percentages: each must lie in [0, 100), got {list(percentages)}; use e.g. 10, 30, 50, 70, 90")
+    if np.any(np.diff(p) <= 0):
+        raise XaiEvalError(f"percentages: must increase strictly, got {list(percentages)}")
+    k = np.floor(p * int(n_pixels) / 100.0 + 0.5).astype(np.int64)
+    if k.max() >= int(n_pixels):
+        raise XaiEvalError(f"percentages: {p.max():g} % of {n_pixels} pixels removes them all; use smaller percentages")
+    return k
+
+
+def road_images(image: np.ndarray, saliency: np.ndarray, percentages: Sequence[float] = ROAD_PERCENTAGES,
+                order: str = "morf", noise: float = 0.01,
+                seed: Union[int, Sequence[int]] = 0) -> np.ndarray:
+    """The images of one ROAD curve: the k_p most (MoRF) or least (LeRF) relevant pixels imputed.
+
+    With rank r(p) from :func:`saliency_ranks` (0 = most salient, raster ties) and k from
+    :func:`road_pixels`, the removed set is r < k (MoRF, "most relevant first") or r >= n - k (LeRF,
+    "least relevant first"); it is filled by :func:`noisy_linear_imputation` with the seed
+    (*seed, step), so the noise of step j is the same draw for every map of the same cell.
+
+    Args:
+        image: (H, W, C) image.
+        saliency: (H, W) map.
+        percentages: removed shares in percent, each in [0, 100).
+        order: "morf" or "lerf".
+        noise: relative noise sd (see :func:`noisy_linear_imputation`).
+        seed: int or sequence of ints.
+
+    Returns:
+        (P, H, W, C) float32 images, one per percentage.
+    """
+    if order not in ("morf", "lerf"):
+        raise XaiEvalError(f"order: unknown value {order!r}; use 'morf' or 'lerf'")
+    x = _as_image(image)
+    ranks = saliency_ranks(saliency)
+    if ranks.shape != x.shape[:2]:
+        raise XaiEvalError(f"saliency: shape {ranks.shape} does not match the image's {x.shape[:2]}")
+    base = [int(s) for s in np.atleast_1d(seed)]
+    out = []
+    for j, k in enumerate(road_pixels(ranks.size, percentages)):
+        removed = ranks < k if order == "morf" else ranks >= ranks.size - k
+        out.append(noisy_linear_imputation(x, removed, noise, seed=base + [j]))
+    return np.stack(out)
+
+
+def road_curves(predict: Any, images: np.ndarray, saliencies: np.ndarray,
+                class_index: Union[int, Sequence[int], np.ndarray], order: str = "morf",
+                percentages: Sequence[float] = ROAD_PERCENTAGES, noise: float = 0.01, seed: int = 0,
+                batch_size: int = 64) -> Tuple[np.ndarray, np.ndarray]:
+    """ROAD curves (Rong et al. 2022) of a batch of images: p_k = f(x_k)[c] after imputing k pixels.
+
+    Cell i uses the noise seed (seed, i, 0 for MoRF / 1 for LeRF), so two maps of the same cell
+    see the same noise draws (a paired comparison of maps is not blurred by independent noise).
+
+    Args:
+        predict: Keras model or callable mapping (N, H, W, C) float32 images to (N, K) probabilities.
+        images: (B, H, W, C) images.
+        saliencies: (B, H, W) maps.
+        class_index: target class c, one int for all images or one per image.
+        order: "morf" (most relevant removed first) or "lerf" (least relevant first).
+        percentages: removed shares in percent (see :func:`road_pixels`).
+        noise: relative noise sd of the imputation.
+        seed: base seed.
+        batch_size: largest model batch.
+
+    Returns:
+        (fractions, probs): fractions (P,) = k / n; probs (B, P).
+    """
+    x = np.asarray(images, dtype=np.float32)
+    a = np.asarray(saliencies, dtype=np.float64)
+    if x.ndim != 4 or a.shape != x.shape[:3]:
+        raise XaiEvalError(f"images/saliencies: expected (B, H, W, C) and (B, H, W), got {x.shape} and {a.shape}")
+    code = 0 if order == "morf" else 1
+    k = road_pixels(x.shape[1] * x.shape[2], percentages)
+    probs = _class_probs(predict, lambda i: road_images(x[i], a[i], percentages, order, noise,
+                                                        (int(seed), i, code)),
+                         len(x), len(k), class_index, batch_size)
+    return k / float(x.shape[1] * x.shape[2]), probs
+
+
+def road_auc(fractions: np.ndarray, values: np.ndarray) -> Union[float, np.ndarray]:
+    """Summary of a ROAD curve: the trapezoid area divided by the width of the percentage range.
+
+    S = curve_auc(f, v) / (f_last - f_first), the mean height of the curve, so a constant curve p
+    scores p whichever percentages are used (a single percentage scores its own value). MoRF: lower
+    is better; LeRF: higher is better; LeRF - MoRF: higher is better (both orders in one number: a
+    map must make the prediction fall when its top pixels go and keep it when its bottom pixels go).
+    """
+    f = np.asarray(fractions, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    if f.size == 1:
+        out = v[..., 0]
+        return float(out) if np.ndim(out) == 0 else out
+    return curve_auc(f, v) / float(f[-1] - f[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -716,36 +969,168 @@ def timed(fn: Callable[..., Any], *args: Any, clock: Callable[[], float] = time.
 
 
 # --------------------------------------------------------------------------------------------
+# Paired comparisons with the controls
+# --------------------------------------------------------------------------------------------
+#: Scores for which lower is better (every other score: higher is better).
+LOWER_IS_BETTER = frozenset({"deletion_auc", "road_morf_auc"})
+
+
+def default_pairs(names: Sequence[str]) -> List[Tuple[str, str]]:
+    """The comparisons of :func:`paired_comparisons`: every method against every reference map
+    (names in ``REFERENCE_TITLES``), then every two methods in the given order (a before b)."""
+    methods = [n for n in names if n not in REFERENCE_TITLES]
+    refs = [n for n in names if n in REFERENCE_TITLES]
+    pairs = [(m, r) for m in methods for r in refs]
+    return pairs + [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
+
+
+def paired_comparisons(per_cell: Dict[str, Dict[str, Sequence[Optional[float]]]],
+                       groups: Optional[Sequence] = None, n_boot: int = 1000, seed: int = 0,
+                       pairs: Optional[Sequence[Tuple[str, str]]] = None,
+                       alpha: float = 0.05) -> Dict[str, Any]:
+    """Paired per-cell differences between maps, each with a cluster-bootstrap interval and a verdict.
+
+    For a pair (a, b) and a score s both have, per cell i: d_i = s_a(i) - s_b(i) (the two maps of the
+    same cell, so cell-to-cell spread cancels). Its mean and percentile interval come from
+    :func:`cervical.metrics.cluster_mean_ci` (cells resampled by cluster image when ``groups`` is given:
+    cells cut from one image are not independent), and :func:`cervical.metrics.verdict` says "beats"
+    (interval entirely on the better side of 0), "loses" (entirely on the worse side) or "ties"
+    (covers 0: no difference shown, which is not a proof of equality); the better side is below 0
+    for the scores in ``LOWER_IS_BETTER``. Cells where either value is undefined (None / NaN, e.g.
+    an empty mask) are left out. Intervals are per comparison, not adjusted for their number.
+
+    Args:
+        per_cell: {map name: {score: (N,) values}}, as in :func:`evaluate_methods`' "per_cell".
+        groups: optional (N,) cluster ids of the cells.
+        n_boot: bootstrap resamples (>= 1).
+        seed: bootstrap seed (the same for every comparison).
+        pairs: (a, b) comparisons (default :func:`default_pairs`).
+        alpha: 1 - confidence level.
+
+    Returns:
+        JSON-ready {"difference", "interval_over" ("clusters" / "cells"), "n_cells", "n_clusters",
+        "n_boot", "seed", "confidence", "lower_is_better", "comparisons": {a: {b: {score:
+        {"estimate", "low", "high", "n", "n_groups", "verdict"}}}}}.
+
+    Raises:
+        XaiEvalError: on an unknown map name, cells of unequal number, or a bad groups or n_boot.
+    """
+    from cervical import metrics as M
+
+    lengths = {len(v) for scores in per_cell.values() for v in scores.values()}
+    n_cells = lengths.pop() if len(lengths) == 1 else (0 if not lengths else -1)
+    if n_cells < 0:
+        raise XaiEvalError(f"per_cell: score lists of unequal lengths {sorted(lengths)}; give one value per cell")
+    if groups is not None and len(groups) != n_cells:
+        raise XaiEvalError(f"groups: {len(groups)} ids for {n_cells} cells; give one per cell")
+    if int(n_boot) < 1 or not 0.0 < float(alpha) < 1.0:
+        raise XaiEvalError(f"n_boot/alpha: need n_boot >= 1 and 0 < alpha < 1, got {n_boot} and {alpha}")
+    comparisons: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for a, b in (default_pairs(list(per_cell)) if pairs is None else pairs):
+        if a not in per_cell or b not in per_cell:
+            raise XaiEvalError(f"pairs: ({a!r}, {b!r}) names a map not in per_cell; choose from {sorted(per_cell)}")
+        row = comparisons.setdefault(a, {}).setdefault(b, {})
+        for score in (s for s in per_cell[a] if s in per_cell[b]):
+            d = (np.asarray(per_cell[a][score], dtype=np.float64)
+                 - np.asarray(per_cell[b][score], dtype=np.float64))
+            ci = M.cluster_mean_ci(d, groups, n=int(n_boot), seed=seed, alpha=alpha)
+            row[score] = {k: ci[k] for k in ("estimate", "low", "high", "n", "n_groups")}
+            row[score]["verdict"] = M.verdict(ci, higher_is_better=score not in LOWER_IS_BETTER)
+    return {"difference": "first map minus second, per cell",
+            "interval_over": "cells" if groups is None else "clusters",
+            "n_cells": n_cells,
+            "n_clusters": n_cells if groups is None else int(len(set(groups))),
+            "n_boot": int(n_boot), "seed": int(seed), "confidence": 1.0 - float(alpha),
+            "lower_is_better": sorted(LOWER_IS_BETTER), "comparisons": comparisons}
+
+
+# --------------------------------------------------------------------------------------------
 # Several methods on a set of cells
 # --------------------------------------------------------------------------------------------
 #: ``explain(model, images (B, H, W, C), classes (B,)) -> maps (B, H, W)``: one method.
 ExplainFn = Callable[[Any, np.ndarray, np.ndarray], np.ndarray]
 
 #: Display names of the reference maps.
-REFERENCE_TITLES = {"random": "random map (reference)", "centre": "centred Gaussian (reference)"}
+REFERENCE_TITLES = {"random": "random map (reference)", "centre": "centred Gaussian (reference)",
+                    "darkness": "darkness (reference)", "edges": "Sobel edges (reference)"}
 
 
-def reference_maps(shape: Tuple[int, int, int], seed: int = 0) -> Dict[str, np.ndarray]:
-    """Two model-free maps that frame the metrics.
+def _grey_unit(image: np.ndarray) -> np.ndarray:
+    """g = (m - min m) / (max m - min m), m the mean over channels; zeros for a constant image."""
+    m = _as_image(image).astype(np.float64).mean(axis=-1)
+    span = float(m.max() - m.min())
+    return np.zeros_like(m) if span == 0.0 else (m - m.min()) / span
+
+
+def darkness_map(image: np.ndarray) -> np.ndarray:
+    """Model-free nucleus finder: 1 - the grey level normalised to [0, 1] within the image.
+
+    d(p) = 1 - g(p), g = (m - min m) / (max m - min m), m = mean of the colour channels: 1 at the
+    darkest pixel, 0 at the brightest. Nuclei are the darkest parts of a Pap-smear cell, so a saliency
+    method that only finds dark pixels scores like this map. A constant image gives zeros (no energy:
+    scored as uniform by :func:`energy_share`).
+
+    Returns:
+        (H, W) float64 map in [0, 1].
+    """
+    g = _grey_unit(image)
+    return 1.0 - g if g.max() > 0.0 else g             # g.max() = 1 unless the image is constant
+
+
+def sobel_edges(image: np.ndarray) -> np.ndarray:
+    """Model-free edge map: Sobel gradient magnitude of the normalised grey image g (see :func:`darkness_map`).
+
+    G_x(p) = sum_{dy} k_dy (g(r + dy, c + 1) - g(r + dy, c - 1)),  k = (1, 2, 1) for dy = -1, 0, 1;
+    G_y likewise down minus up; E = sqrt(G_x^2 + G_y^2); borders extended by the nearest pixel. A unit
+    step between columns c0 - 1 and c0 gives E = 4 on those two columns and 0 elsewhere. This is the
+    kind of map a method that "passes through" the image produces (Adebayo et al. 2018).
+
+    Returns:
+        (H, W) float64 map >= 0.
+    """
+    g = np.pad(_grey_unit(image), 1, mode="edge")
+    h, w = g.shape[0] - 2, g.shape[1] - 2
+    k = ((0, 1.0), (1, 2.0), (2, 1.0))
+    gx = sum(wt * (g[i:i + h, 2:] - g[i:i + h, :w]) for i, wt in k)
+    gy = sum(wt * (g[2:, i:i + w] - g[:h, i:i + w]) for i, wt in k)
+    return np.hypot(gx, gy)
+
+
+def reference_maps(shape: Tuple[int, int, int], seed: int = 0,
+                   images: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Model-free maps that frame the metrics: a method must beat them to count as informative.
 
     "random": i.i.d. uniform values (seeded), the chance level of every metric;
     "centre": exp(-r^2 / (2 s^2)), r the distance to the image centre, s = min(H, W) / 6 - cells are
-    cropped around their nucleus, so this is what knowing only the crop scores.
+    cropped around their nucleus, so this is what knowing only the crop scores;
+    with ``images``: "darkness" (:func:`darkness_map`, dark pixels high: nuclei are dark) and "edges"
+    (:func:`sobel_edges`), computed from each image alone.
 
     Args:
         shape: (B, H, W).
         seed: seed of the random map.
+        images: optional (B, H, W, C) images for the two image-based maps.
 
     Returns:
-        {"random": float32 (B, H, W), "centre": float32 (B, H, W)}.
+        {name: float32 (B, H, W)}: "random" and "centre", plus "darkness" and "edges" with images.
+
+    Raises:
+        XaiEvalError: when the images do not match ``shape``.
     """
     b, h, w = shape
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
     s = min(h, w) / 6.0
     centre = np.exp(-((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) / (2 * s * s))
-    return {"random": rng.uniform(size=(b, h, w)).astype(np.float32),
-            "centre": np.broadcast_to(centre, (b, h, w)).astype(np.float32)}
+    out = {"random": rng.uniform(size=(b, h, w)).astype(np.float32),
+           "centre": np.broadcast_to(centre, (b, h, w)).astype(np.float32)}
+    if images is not None:
+        x = np.asarray(images)
+        if x.ndim != 4 or x.shape[:3] != (b, h, w):
+            raise XaiEvalError(f"images: shape {x.shape} does not match the maps' {(b, h, w)} (+ channels)")
+        out["darkness"] = np.array([darkness_map(im) for im in x], dtype=np.float32).reshape(b, h, w)
+        out["edges"] = np.array([sobel_edges(im) for im in x], dtype=np.float32).reshape(b, h, w)
+    return out
 
 
 def choose_eval_cells(y: np.ndarray, n: int, seed: int = 0,
@@ -778,7 +1163,12 @@ class EvalSettings:
         n_sanity: cells in the randomisation check (0 skips it).
         sanity_blocks, sanity_mode, sanity_threshold: see :func:`randomisation_check`.
         batch_size: largest model batch of the perturbation curves.
-        seed: seed of the reference map, the sanity cells and the randomisation.
+        seed: seed of the reference map, the sanity cells, the randomisation, the ROAD noise and
+            the bootstrap of the paired comparisons.
+        road: compute the ROAD curves (MoRF and LeRF, :func:`road_curves`).
+        road_percentages: their removed shares in percent.
+        road_noise: relative noise sd of ROAD's imputation (:func:`noisy_linear_imputation`).
+        n_boot: bootstrap resamples of the paired comparisons (:func:`paired_comparisons`).
     """
 
     steps: int = STEPS
@@ -790,26 +1180,36 @@ class EvalSettings:
     sanity_threshold: float = 0.9
     batch_size: int = 126
     seed: int = 0
+    road: bool = True
+    road_percentages: Tuple[float, ...] = ROAD_PERCENTAGES
+    road_noise: float = 0.01
+    n_boot: int = 1000
 
     def as_dict(self) -> Dict[str, Any]:
         return {"steps": int(self.steps), "baseline": self.baseline,
                 "blur_sigma": "max(H, W) / 10" if self.baseline == "blur" else None,
                 "pointing_tolerance_px": float(self.tolerance), "seed": int(self.seed),
                 "sanity_blocks": self.sanity_blocks, "sanity_mode": self.sanity_mode,
-                "sanity_threshold": float(self.sanity_threshold)}
+                "sanity_threshold": float(self.sanity_threshold),
+                "road_percentages": [float(p) for p in self.road_percentages] if self.road else None,
+                "road_noise": float(self.road_noise) if self.road else None,
+                "paired_n_boot": int(self.n_boot)}
 
 
 def evaluate_methods(model: Any, images: np.ndarray, labels: np.ndarray,
                      masks: Optional[np.ndarray], explainers: Dict[str, ExplainFn],
                      predict: Any = None, settings: Optional[EvalSettings] = None,
                      extra_seconds: Optional[Dict[str, float]] = None,
-                     progress: Progress = None) -> Dict[str, Any]:
+                     progress: Progress = None, groups: Optional[Sequence] = None) -> Dict[str, Any]:
     """Every metric of this module for every explainer on a set of cells (the predicted class).
 
-    Per cell and method: deletion and insertion AUC; with masks (0 background, 1 cytoplasm,
-    2 nucleus) the energy share and pointing hit for the nucleus (mask == 2) and the whole cell
-    (mask >= 1), with their chance levels (area fractions); the time per cell (after one warm-up
-    call). Then mean +/- std over cells, the mean curves, the two reference maps scored alike, and
+    Per cell and method: deletion and insertion AUC; ROAD MoRF and LeRF scores and their difference
+    (with ``settings.road``); with masks (0 background, 1 cytoplasm, 2 nucleus) the energy share and
+    pointing hit for the nucleus (mask == 2) and the whole cell (mask >= 1), with their chance levels
+    (area fractions); the time per cell (after one warm-up call). Then mean +/- std over cells, the
+    mean curves, the model-free reference maps (:func:`reference_maps`, with the images) scored
+    alike, the paired comparison of every method with every reference map and every other method
+    (:func:`paired_comparisons`, intervals over the cluster images in ``groups`` when given), and
     the cascading randomisation check of each method on ``n_sanity`` class-balanced cells.
 
     Args:
@@ -823,32 +1223,43 @@ def evaluate_methods(model: Any, images: np.ndarray, labels: np.ndarray,
         extra_seconds: per-cell seconds to add to a method's time (work it shares across
             calls, e.g. LIME's superpixels).
         progress: None, or ``progress(step, done, total)``.
+        groups: optional (N,) cluster ids of the cells (e.g. their cluster image).
 
     Returns:
-        JSON-ready dict: "n_cells", "accuracy_on_cells", "settings", "fractions", "chance",
-        "methods", "reference", "sanity", "per_cell", "localisation_available".
+        JSON-ready dict: "n_cells", "accuracy_on_cells", "settings", "fractions", "road_fractions",
+        "chance", "methods", "reference", "paired", "sanity", "per_cell", "localisation_available".
     """
     predict = model if predict is None else predict
     settings = settings or EvalSettings()
     x = np.asarray(images)
+    clash = sorted(set(explainers) & set(REFERENCE_TITLES))
+    if clash:
+        raise XaiEvalError(f"explainers: {clash} are names of reference maps; rename the method")
+    if groups is not None and len(groups) != len(x):
+        raise XaiEvalError(f"groups: {len(groups)} ids for {len(x)} cells; give one per cell")
     pred = _predict(predict, x.astype(np.float32)).argmax(axis=1)
     maps, seconds = _timed_maps(model, x, pred, explainers, extra_seconds or {}, progress)
-    every = {**maps, **reference_maps(x.shape[:3], seed=settings.seed)}
+    refs = reference_maps(x.shape[:3], seed=settings.seed, images=x)
+    every = {**maps, **refs}
     fractions, curves = _faithfulness(predict, x, every, pred, settings, progress)
     scores, per_cell = _scores(every, curves, fractions, masks, settings.tolerance)
     for name in every:
         scores[name]["seconds_per_cell"] = seconds.get(name)
+    paired = paired_comparisons(per_cell, None if groups is None else list(groups),
+                                n_boot=settings.n_boot, seed=settings.seed)
     sanity, k = _sanity_checks(model, x, labels, pred, explainers, settings, progress)
     return {
         "n_cells": len(x),
         "accuracy_on_cells": float(np.mean(pred == np.asarray(labels))) if len(x) else None,
         "explained_class": "predicted",
         "settings": {**settings.as_dict(), "sanity_cells": k},
-        "fractions": fractions.tolist(),
+        "fractions": fractions["deletion"].tolist(),
+        "road_fractions": None if "road" not in fractions else fractions["road"].tolist(),
         "localisation_available": masks is not None,
         "chance": {} if masks is None else _chance_levels(masks, settings.tolerance),
         "methods": {m: scores[m] for m in explainers},
-        "reference": {r: scores[r] for r in REFERENCE_TITLES},
+        "reference": {r: scores[r] for r in refs},
+        "paired": paired,
         "sanity": sanity,
         "per_cell": per_cell,
     }
@@ -870,17 +1281,25 @@ def _timed_maps(model: Any, x: np.ndarray, pred: np.ndarray, explainers: Dict[st
 
 def _faithfulness(predict: Any, x: np.ndarray, every: Dict[str, np.ndarray], pred: np.ndarray,
                   settings: EvalSettings, progress: Progress):
-    """(fractions, {name: {"deletion": (N, T+1), "insertion": (N, T+1)}}) for every map."""
+    """({"deletion": fractions, "road": fractions}, {name: {curve: (N, points)}}) for every map.
+
+    Curves "deletion" and "insertion", and with ``settings.road`` "road_morf" and "road_lerf".
+    """
     curves: Dict[str, Dict[str, np.ndarray]] = {}
-    fractions = np.linspace(0.0, 1.0, int(settings.steps) + 1)
+    fractions = {"deletion": np.linspace(0.0, 1.0, int(settings.steps) + 1)}
     for j, (name, a) in enumerate(every.items()):
         curves[name] = {}
         for mode in ("deletion", "insertion"):
-            fractions, curves[name][mode] = perturbation_curves(
+            fractions["deletion"], curves[name][mode] = perturbation_curves(
                 predict, x.astype(np.float32), a, pred, mode=mode, baseline=settings.baseline,
                 steps=settings.steps, batch_size=settings.batch_size)
+        for order in ("morf", "lerf") if settings.road else ():
+            fractions["road"], curves[name][f"road_{order}"] = road_curves(
+                predict, x.astype(np.float32), a, pred, order=order,
+                percentages=settings.road_percentages, noise=settings.road_noise,
+                seed=settings.seed, batch_size=settings.batch_size)
         if progress is not None:
-            progress("evaluate: deletion/insertion", j + 1, len(every))
+            progress("evaluate: deletion/insertion/ROAD", j + 1, len(every))
     return fractions, curves
 
 
@@ -894,13 +1313,18 @@ def _chance_levels(masks: np.ndarray, tolerance: float) -> Dict[str, Any]:
 
 
 def _scores(every: Dict[str, np.ndarray], curves: Dict[str, Dict[str, np.ndarray]],
-            fractions: np.ndarray, masks: Optional[np.ndarray], tolerance: float):
+            fractions: Dict[str, np.ndarray], masks: Optional[np.ndarray], tolerance: float):
     """Per method: mean +/- std of every score and the mean curves; and the per-cell values."""
     results: Dict[str, Dict[str, Any]] = {}
     per_cell: Dict[str, Dict[str, List[Optional[float]]]] = {}
+    f = fractions["deletion"]
     for name, a in every.items():
-        values = {"deletion_auc": curve_auc(fractions, curves[name]["deletion"]),
-                  "insertion_auc": curve_auc(fractions, curves[name]["insertion"])}
+        values = {"deletion_auc": curve_auc(f, curves[name]["deletion"]),
+                  "insertion_auc": curve_auc(f, curves[name]["insertion"])}
+        if "road_morf" in curves[name]:
+            values["road_morf_auc"] = road_auc(fractions["road"], curves[name]["road_morf"])
+            values["road_lerf_auc"] = road_auc(fractions["road"], curves[name]["road_lerf"])
+            values["road_lerf_minus_morf"] = values["road_lerf_auc"] - values["road_morf_auc"]
         if masks is not None:
             for region, inside in (("nucleus", np.asarray(masks) == 2),
                                    ("cell", np.asarray(masks) >= 1)):
@@ -911,6 +1335,9 @@ def _scores(every: Dict[str, np.ndarray], curves: Dict[str, Dict[str, np.ndarray
         results[name] = {k: mean_std(v) for k, v in values.items()}
         results[name]["mean_deletion_curve"] = curves[name]["deletion"].mean(axis=0).tolist()
         results[name]["mean_insertion_curve"] = curves[name]["insertion"].mean(axis=0).tolist()
+        for order in ("morf", "lerf"):
+            if f"road_{order}" in curves[name]:
+                results[name][f"mean_road_{order}_curve"] = curves[name][f"road_{order}"].mean(axis=0).tolist()
         per_cell[name] = {k: [None if np.isnan(v) else float(v)
                               for v in np.asarray(vals, dtype=np.float64)]
                           for k, vals in values.items()}
@@ -964,7 +1391,8 @@ def _verdict(sanity: Dict[str, Any]) -> str:
 
 def format_metrics_md(metrics: Dict[str, Any], title: str = "XAI evaluation",
                       titles: Optional[Dict[str, str]] = None) -> str:
-    """The Markdown report of :func:`evaluate_methods`: one metrics table and one sanity table.
+    """The Markdown report of :func:`evaluate_methods`: the metrics table, the paired comparisons
+    with the reference maps (with a verdict written from their intervals) and the sanity table.
 
     Args:
         metrics: its result (with "layer" when the caller added one).
@@ -973,6 +1401,8 @@ def format_metrics_md(metrics: Dict[str, Any], title: str = "XAI evaluation",
     """
     names = {**REFERENCE_TITLES, **(titles or {})}
     lines = [f"# {title}", ""] + _method_notes(metrics) + _metrics_table(metrics, names)
+    if metrics.get("paired"):
+        lines += _paired_section(metrics, {**CONTROL_NAMES, **(titles or {})})
     if metrics["sanity"]:
         lines += _sanity_table(metrics, names)
     return "\n".join(lines) + "\n"
@@ -995,13 +1425,29 @@ def _method_notes(metrics: Dict[str, Any]) -> List[str]:
             f"map's maximal pixels inside the mask{tol_text} (1 or 0 for a single peak; a LIME "
             f"superpixel plateau counts pro rata). Chance = mask area fraction (what a uniform map "
             f"or a random point scores).",
+            *_road_note(s),
             "- Time: wall seconds per cell after one warm-up call.", ""]
+
+
+def _road_note(s: Dict[str, Any]) -> List[str]:
+    if not s.get("road_percentages"):
+        return []
+    pct = ", ".join(f"{p:g}" for p in s["road_percentages"])
+    return [f"- ROAD (Rong et al. 2022, remove and debias): the {pct} % most (MoRF) or least (LeRF) "
+            f"salient pixels are replaced by noisy linear imputation from their neighbours (noise sd "
+            f"{s['road_noise']:g} x the image's value range); score = mean predicted-class "
+            f"probability over the percentages (trapezoid). MoRF: lower is better; LeRF and "
+            f"LeRF - MoRF: higher is better."]
 
 
 def _metrics_table(metrics: Dict[str, Any], names: Dict[str, str]) -> List[str]:
     loc = metrics["localisation_available"]
+    road = bool(metrics.get("road_fractions"))
     head = "| method | deletion AUC ↓ | insertion AUC ↑ |"
     rule = "|---|---|---|"
+    if road:
+        head += " ROAD MoRF ↓ | ROAD LeRF ↑ | LeRF − MoRF ↑ |"
+        rule += "---|---|---|"
     if loc:
         head += " nucleus energy ↑ | cell energy ↑ | nucleus pointing ↑ | cell pointing ↑ |"
         rule += "---|---|---|---|"
@@ -1014,6 +1460,8 @@ def _metrics_table(metrics: Dict[str, Any], names: Dict[str, str]) -> List[str]:
     rows += [(m, r, True) for m, r in metrics["reference"].items()]
     for name, r, is_ref in rows:
         cells = [names.get(name, name), _fmt(r["deletion_auc"]), _fmt(r["insertion_auc"])]
+        if road:
+            cells += [_fmt(r.get(k)) for k in ("road_morf_auc", "road_lerf_auc", "road_lerf_minus_morf")]
         if loc:
             cells += [f"{_fmt(r['nucleus_energy'])} (chance {_fmt(ch['nucleus_area'])})",
                       f"{_fmt(r['cell_energy'])} (chance {_fmt(ch['cell_area'])})",
@@ -1027,6 +1475,112 @@ def _metrics_table(metrics: Dict[str, Any], names: Dict[str, str]) -> List[str]:
         cells.append("-" if san is None else f"{_verdict(san)} (ρ {_num(san['final_similarity'])})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+#: Short names of the reference maps in the paired table and the verdict.
+CONTROL_NAMES = {"centre": "centred Gaussian", "darkness": "darkness map", "edges": "Sobel edge map",
+                 "random": "random map"}
+
+#: Scores of the paired table and the verdict, in order.
+HEADLINE_SCORES = (("nucleus_energy", "nucleus energy"), ("nucleus_pointing", "nucleus pointing"),
+                   ("deletion_auc", "deletion AUC"), ("insertion_auc", "insertion AUC"),
+                   ("road_morf_auc", "ROAD MoRF"), ("road_lerf_auc", "ROAD LeRF"),
+                   ("road_lerf_minus_morf", "ROAD LeRF − MoRF"))
+
+
+def _diff(c: Optional[Dict[str, Any]]) -> str:
+    """A paired difference with its interval, e.g. "+0.120 [+0.050, +0.190]".
+
+    Three decimals, or as many as give the largest of the three numbers 3 significant digits when
+    it is below 0.01 ("-0.000146 [-0.000171, -0.000121]"), so a verdict on a tiny difference is
+    visibly about a tiny difference.
+    """
+    if not c or c.get("estimate") is None:
+        return "n/a"
+    values = (c["estimate"], c["low"], c["high"])
+    top = max(abs(v) for v in values)
+    d = 3 if top == 0.0 or top >= 0.01 else min(10, 2 - int(np.floor(np.log10(top))))
+    return "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}]".format(*values, d=d)
+
+
+def _arrow(score: str) -> str:
+    return "↓" if score in LOWER_IS_BETTER else "↑"
+
+
+def _paired_section(metrics: Dict[str, Any], names: Dict[str, str]) -> List[str]:
+    """The table of method-minus-reference differences and the verdict paragraph."""
+    p = metrics["paired"]
+    comp = p["comparisons"]
+    methods = list(metrics["methods"])
+    refs = [r for r in CONTROL_NAMES if r in metrics["reference"]]
+    scores = [(k, t) for k, t in HEADLINE_SCORES
+              if any(k in comp.get(m, {}).get(r, {}) for m in methods for r in refs)]
+    over = (f"{p['n_clusters']} cluster images (cells of one image resampled together)"
+            if p["interval_over"] == "clusters" else f"{p['n_cells']} cells (treated as independent)")
+    lines = ["", "## Paired comparisons with the reference maps", "",
+             f"Per cell, method minus reference map; mean difference with a "
+             f"{100 * p['confidence']:g} % percentile bootstrap interval over {over}, "
+             f"{p['n_boot']} resamples. beats / loses: the interval lies entirely on the better / "
+             f"worse side of 0 (↓: lower is better, so a negative difference is better); ties: it "
+             f"covers 0 - no difference shown, not a proof that the two are equal. Intervals are "
+             f"per comparison, not adjusted for their number.", "",
+             "| score | method | " + " | ".join(f"vs {CONTROL_NAMES[r]}" for r in refs) + " |",
+             "|---|---|" + "---|" * len(refs)]
+    for key, label in scores:
+        for m in methods:
+            cells = [f"{_diff(c)} {c['verdict']}" if c and c.get("estimate") is not None else "n/a"
+                     for c in (comp.get(m, {}).get(r, {}).get(key) for r in refs)]
+            lines.append(f"| {label} {_arrow(key)} | {names.get(m, m)} | " + " | ".join(cells) + " |")
+    sentences = [_score_sentence(comp, methods, refs, key, label, names) for key, label in scores]
+    sentences.append(_overall_sentence(comp, methods, refs, scores, names))
+    return lines + ["", "**Verdict.** " + " ".join(s for s in sentences if s)]
+
+
+_PLURAL = {"loses": "lose", "ties": "tie", "n/a": "n/a"}
+
+
+def _control_clause(comp: Dict[str, Any], methods: List[str], ref: str, key: str,
+                    names: Dict[str, str]) -> str:
+    """E.g. "no method beats the centred Gaussian (5 lose, 1 ties)" or
+    "Grad-CAM (+0.120 [+0.050, +0.190]) beats the random map (the other 5 do not)"."""
+    rows = [(m, comp.get(m, {}).get(ref, {}).get(key)) for m in methods]
+    rows = [(m, c) for m, c in rows if c and c.get("estimate") is not None]
+    if not rows:
+        return ""
+    control = CONTROL_NAMES.get(ref, ref)
+    wins = [(m, c) for m, c in rows if c["verdict"] == "beats"]
+    if not wins:
+        counts = {v: sum(c["verdict"] == v for _, c in rows) for v in ("loses", "ties", "n/a")}
+        detail = ", ".join(f"{n} {v if n == 1 else _PLURAL[v]}" for v, n in counts.items() if n)
+        return f"no method beats the {control} ({detail})"
+    text = ", ".join(f"{names.get(m, m)} ({_diff(c)})" for m, c in wins)
+    rest = len(rows) - len(wins)
+    tail = "" if not rest else " (the other does not)" if rest == 1 else f" (the other {rest} do not)"
+    return f"{text} {'beats' if len(wins) == 1 else 'beat'} the {control}{tail}"
+
+
+def _score_sentence(comp: Dict[str, Any], methods: List[str], refs: List[str], key: str,
+                    label: str, names: Dict[str, str]) -> str:
+    clauses = [c for c in (_control_clause(comp, methods, r, key, names) for r in refs) if c]
+    if not clauses:
+        return ""
+    return f"{label[0].upper()}{label[1:]} ({_arrow(key)}): " + "; ".join(clauses) + "."
+
+
+def _overall_sentence(comp: Dict[str, Any], methods: List[str], refs: List[str],
+                      scores: List[Tuple[str, str]], names: Dict[str, str]) -> str:
+    """Which method beats every reference map on which score (or that none does)."""
+    found = []
+    for m in methods:
+        won = [label for key, label in scores
+               if all((comp.get(m, {}).get(r, {}).get(key) or {}).get("verdict") == "beats" for r in refs)]
+        if won:
+            found.append(f"{names.get(m, m)} on {', '.join(won)}")
+    if not refs or not scores:
+        return ""
+    if not found:
+        return f"No method beats all {len(refs)} reference maps on any of these scores."
+    return f"Beating all {len(refs)} reference maps: " + "; ".join(found) + "."
 
 
 def _sanity_table(metrics: Dict[str, Any], names: Dict[str, str]) -> List[str]:
@@ -1049,7 +1603,8 @@ def _sanity_table(metrics: Dict[str, Any], names: Dict[str, str]) -> List[str]:
 
 
 def plot_curves(metrics: Dict[str, Any], titles: Optional[Dict[str, str]] = None):
-    """The mean deletion and insertion curves of every method and reference map, as a Figure.
+    """The mean deletion and insertion curves (and ROAD MoRF / LeRF curves when computed) of every
+    method and reference map, as a Figure.
 
     Args:
         metrics: the result of :func:`evaluate_methods`.
@@ -1060,14 +1615,18 @@ def plot_curves(metrics: Dict[str, Any], titles: Optional[Dict[str, str]] = None
     from matplotlib.figure import Figure
 
     names = {**REFERENCE_TITLES, **(titles or {})}
-    fig = Figure(figsize=(9, 3.6))
-    axes = fig.subplots(1, 2)
-    f = metrics["fractions"]
+    panels = [("mean_deletion_curve", "fractions", "Deletion (lower area is better)"),
+              ("mean_insertion_curve", "fractions", "Insertion (higher area is better)")]
+    if metrics.get("road_fractions"):
+        panels += [("mean_road_morf_curve", "road_fractions", "ROAD MoRF (lower is better)"),
+                   ("mean_road_lerf_curve", "road_fractions", "ROAD LeRF (higher is better)")]
+    fig = Figure(figsize=(4.5 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels))
     for group, style in (("methods", "-"), ("reference", ":")):
         for name, r in metrics[group].items():
-            for ax, key in zip(axes, ("mean_deletion_curve", "mean_insertion_curve")):
-                ax.plot(f, r[key], style, label=names.get(name, name))
-    for ax, t in zip(axes, ("Deletion (lower area is better)", "Insertion (higher area is better)")):
+            for ax, (key, fkey, _) in zip(axes, panels):
+                ax.plot(metrics[fkey], r[key], style, label=names.get(name, name))
+    for ax, (_, _, t) in zip(axes, panels):
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("fraction of pixels removed / revealed")
         ax.set_ylabel("predicted-class probability")

@@ -177,7 +177,7 @@ def test_evaluation_numbers_match_direct_computation(tiny_run, explained, tiny_p
     m = res["metrics"]
     on_disk = json.loads((Path(res["out_dir"]) / "xai_metrics.json").read_text())
     assert on_disk["cell_indices"] == m["cell_indices"] and len(m["cell_indices"]) == 6
-    assert set(m["methods"]) == set(E.METHODS) and set(m["reference"]) == {"random", "centre"}
+    assert set(m["methods"]) == set(E.METHODS) and set(m["reference"]) == {"random", "centre", "darkness", "edges"}
     test = data.load_split(tiny_prepared, "test")
     idx = np.array(m["cell_indices"])
     # chance level = mean nucleus / cell area fraction of the evaluated cells
