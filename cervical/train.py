@@ -115,8 +115,9 @@ class TrainConfig:
             variant of the contrastive and baseline regimes (the study never used validation there).
         keep: "best" restores the best epoch on ``monitor``; "last" keeps the final epoch (the
             study's notebooks); None = "best", or "last" for the thesis variant.
-        class_weights: cost-sensitive only: "train" (default), "thesis", "none" or a JSON file
-            {class id or name: weight}.
+        class_weights: cost-sensitive only: "train", "thesis", "none" or a JSON file
+            {class id or name: weight}; None = "thesis" under the thesis variant on SIPaKMeD's
+            five classes (the study's test-label constants), else "train".
         cost_matrix: cost-sensitive only: a (K, K) JSON or CSV file (rows true, columns predicted).
         init: a run folder whose model.keras initialises the classifier (finetune, cost-sensitive).
         loss: contrastive loss (default "supcon"; "npairs", the study's, with --variant thesis).
@@ -294,8 +295,8 @@ def _regime_defaults(c: TrainConfig) -> None:
             if value is not None:
                 raise TrainError(f"--{flag}: only for --regime cost-sensitive; drop it or add "
                                  f"--regime cost-sensitive")
-    elif c.class_weights is None:
-        c.class_weights = "none" if c.cost_matrix else "train"
+    elif c.class_weights is None and c.cost_matrix:
+        c.class_weights = "none"          # otherwise settled with the variant (_class_weight_default)
     if c.init and c.regime not in ("finetune", "cost-sensitive"):
         raise TrainError("--init: only for --regime finetune or cost-sensitive (continue a run)")
 
@@ -934,6 +935,8 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
     if cfg.weights is None:
         cfg.weights = "none" if cfg.init else default_weights(cfg.model, cfg.regime, cfg.variant)
     _protocol_defaults(cfg)
+    if cfg.regime == "cost-sensitive" and cfg.class_weights is None:
+        cfg.class_weights = _class_weight_default(cfg.variant, class_names)
     if int(info.get("image_size", 0)):
         models.check_input_size(cfg.model, (int(info["image_size"]),) * 2 + (3,))
     cost = load_cost_matrix(cfg.cost_matrix, class_names) if cfg.cost_matrix else None
@@ -949,6 +952,15 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
     if not cfg.init:
         models.resolve_weights(cfg.model, cfg.weights, tr.x.shape[1])   # fail before writing
     return _Inputs(info, class_names, tr, va, class_weight, source, cost)
+
+
+def _class_weight_default(variant: str, class_names: Sequence[str]) -> str:
+    """--class-weights when none is given: the study's constants (its test-label weights) under
+    the thesis variant on SIPaKMeD's five classes, as its code did; the train labels' otherwise
+    (other class sets have no study constants)."""
+    if variant == "thesis" and tuple(class_names) == cdata.SIPAKMED_CLASSES:
+        return "thesis"
+    return "train"
 
 
 def protocol_options(protocol: str, model: str, regime: str) -> dict:

@@ -735,3 +735,13 @@ def test_mixed_precision_on_cpu_trains_and_explains_in_float32(tiny_prepared, tm
     maps = cams.gradcam(model, x, layer="features")
     assert maps.dtype == np.float32 and np.all(np.isfinite(maps)) and maps.shape == (3, 32, 32)
     assert keras.mixed_precision.global_policy().name == "float32"     # restored after the run
+
+
+def test_thesis_variant_defaults_to_the_study_class_weights():
+    """--variant thesis, cost-sensitive, no --class-weights: the study's test-label constants on
+    SIPaKMeD's five classes (what its code did); other class sets have no constants -> train."""
+    from cervical import data as cdata
+
+    assert train._class_weight_default("thesis", cdata.SIPAKMED_CLASSES) == "thesis"
+    assert train._class_weight_default("standard", cdata.SIPAKMED_CLASSES) == "train"
+    assert train._class_weight_default("thesis", ("normal", "abnormal")) == "train"
