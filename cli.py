@@ -419,6 +419,9 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leak-cells", type=_int_in(1, "augment"), default=2,
                    help="cells per leaked test cluster moved to training, and per held-out "
                         "cluster set aside (default: %(default)s)")
+    p.add_argument("--leak-procedure", choices=["study", "ours"], default="study",
+                   help="training procedure of the leak design's runs: the study's (last epoch, "
+                        "no PreciseBN) or ours (best validation epoch) (default: %(default)s)")
     p.add_argument("--factorial", action="store_true",
                    help="train all 8 (split, preparation, procedure) arms instead of moving one "
                         "factor at a time")
@@ -457,7 +460,8 @@ def run_audit(args) -> int:
     options = {k: getattr(args, k) for k in ("data_dir", "dataset", "model", "regime", "seeds",
                                              "folds", "leak_cells", "epochs", "size", "augment",
                                              "batch_size", "weights", "synthetic", "per_class",
-                                             "n_boot", "out", "factorial", "controls")}
+                                             "n_boot", "out", "factorial", "controls",
+                                             "leak_procedure")}
     if args.quick:
         options.update(audit.QUICK)
     result = audit.run_audit(audit.AuditConfig(**options), progress=_progress,

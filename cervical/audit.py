@@ -13,7 +13,9 @@ the test cells differ too. So the audit asks three separate questions, each with
    equal size) give ``leak_cells`` of their cells to training and the other half set as many
    aside. One model sees both kinds; its accuracy on the remaining test cells of leaked against
    held-out clusters, Mantel-Haenszel-adjusted for class, is the leak. Same model, preparation,
-   procedure, cluster sizes and class mix on both sides.
+   procedure, cluster sizes and class mix on both sides. What a leak is worth depends on how far
+   training memorises the training cluster images, so the design trains with the study's
+   procedure by default (its last epoch; ``leak_procedure="ours"``: our best validation epoch).
 2. **The protocol gap, decomposed**: arms that move one factor at a time from our protocol to the
    study's (split; preparation; procedure), the study's full protocol, and with ``factorial`` all
    eight combinations. Effects are differences of class-balanced accuracy (mean per-class
@@ -137,6 +139,10 @@ class AuditConfig:
         n_boot: bootstrap resamples of every interval.
         factorial: all eight (split, preparation, procedure) arms instead of one at a time.
         controls: run the negative control (and judge the positive one on synthetic hard data).
+        leak_procedure: the training procedure of the leak design's runs: "study" (the study's:
+            the last epoch of at most ``epochs``, early stopping patience 3, no PreciseBN; a
+            model that trains longer memorises more of its training cluster images) or "ours"
+            (the best validation epoch on a grouped validation split, PreciseBN).
     """
 
     data_dir: Optional[str] = None
@@ -157,6 +163,7 @@ class AuditConfig:
     n_boot: int = 2000
     factorial: bool = False
     controls: bool = True
+    leak_procedure: str = "study"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,7 +220,8 @@ def plan_arms(cfg: AuditConfig) -> List[Arm]:
     names.append("leak")
     if cfg.controls:
         names.append("negative")
-    return [ARMS[n] for n in names]
+    return [dataclasses.replace(ARMS[n], procedure=cfg.leak_procedure) if ARMS[n].split == "leak"
+            else ARMS[n] for n in names]
 
 
 def _units(cfg: AuditConfig, arm: Arm) -> int:
@@ -277,6 +285,8 @@ def _check(config: AuditConfig) -> AuditConfig:
         problem = out_of_range(f"--{name.replace('_', '-')}", getattr(cfg, name), low, limit)
         if problem:
             raise AuditError(problem)
+    if cfg.leak_procedure not in ("study", "ours"):
+        raise AuditError(f"--leak-procedure {cfg.leak_procedure}: unknown; choose study or ours")
     if cfg.synthetic not in synthetic.DIFFICULTIES:
         raise AuditError(f"--synthetic {cfg.synthetic}: unknown; choose one of "
                          f"{', '.join(synthetic.DIFFICULTIES)}")
@@ -352,12 +362,13 @@ def _prepare(cfg: AuditConfig, raw: Path, arm: Arm, k: int, study_split: str, ou
 
 def _train(cfg: AuditConfig, prepared: Path, arm: Arm, k: int, out: Path, say) -> Path:
     """The arm's run (cost-sensitive: a fine-tuned run first, continued as the study did)."""
-    run = _train_one(cfg, prepared, arm, k, out / "runs" / f"{arm.name}_{k}", "finetune", None, say)
+    name = f"{arm.name}-{arm.procedure}" if arm.split == "leak" else arm.name
+    run = _train_one(cfg, prepared, arm, k, out / "runs" / f"{name}_{k}", "finetune", None, say)
     if cfg.regime == "cost-sensitive":
-        run = _train_one(cfg, prepared, arm, k, out / "runs" / f"{arm.name}_{k}_cs",
+        run = _train_one(cfg, prepared, arm, k, out / "runs" / f"{name}_{k}_cs",
                          "cost-sensitive", run, say)
     elif cfg.regime != "finetune":
-        run = _train_one(cfg, prepared, arm, k, out / "runs" / f"{arm.name}_{k}_{cfg.regime}",
+        run = _train_one(cfg, prepared, arm, k, out / "runs" / f"{name}_{k}_{cfg.regime}",
                          cfg.regime, None, say)
     return run
 
@@ -403,7 +414,8 @@ def _evaluate(cfg: AuditConfig, run: Path, prepared: Path, arm: Arm, k: int
     exposure = _exposure(prepared, rows)
     with open(run / "eval" / "test" / "predictions.csv", newline="") as fh:
         preds = list(csv.DictReader(fh))
-    bn = _bn_reestimated(run, prepared, preds, k) if arm.procedure == "study" else None
+    bn = (_bn_reestimated(run, prepared, preds, k)
+          if arm.procedure == "study" and arm.split != "leak" else None)
     cells = [{"arm": arm.name, "unit": k, "path": p["path"], "class": p["true"],
               "group": group[p["path"]], "exposure": exposure.get(p["path"], ""),
               "correct": int(p["true"] == p["predicted"]),
