@@ -143,6 +143,9 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="the randomised-leak design on a grouped split: in half the test cluster "
                         "images of each class (chosen by coin), move N cells to train; in the "
                         "other half set N aside (default: %(default)s = off)")
+    p.add_argument("--leak-val", choices=["grouped", "cells"], default="grouped",
+                   help="with --leak-cells: a grouped validation split, or one at cell level "
+                        "from the training cells as the study's was (default: %(default)s)")
     p.add_argument("--per-class", type=_int_in(0, "per_class"), default=None,
                    help="synthetic only: cells per class (default: 120; 'full' sizes via "
                         "--per-class 0 = the real SIPaKMeD counts)")
@@ -165,7 +168,7 @@ def run_prepare(args) -> int:
         save_images=not args.no_images, overwrite=args.overwrite, progress=_progress,
         variant=args.variant, augment_at=args.augment_at, fill=args.fill,
         jpeg_quality=args.jpeg_quality, augment_order=args.augment_order,
-        synthetic=args.synthetic, leak_cells=args.leak_cells)
+        synthetic=args.synthetic, leak_cells=args.leak_cells, leak_val=args.leak_val)
     print(data.format_summary(summary))
     return 0
 

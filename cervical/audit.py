@@ -15,7 +15,8 @@ the test cells differ too. So the audit asks three separate questions, each with
    held-out clusters, Mantel-Haenszel-adjusted for class, is the leak. Same model, preparation,
    procedure, cluster sizes and class mix on both sides. What a leak is worth depends on how far
    training memorises the training cluster images, so the design trains with the study's
-   procedure by default (its last epoch; ``leak_procedure="ours"``: our best validation epoch).
+   procedure by default, validation split at cell level included (``leak_procedure="ours"``: a
+   grouped validation split and our best validation epoch).
 2. **The protocol gap, decomposed**: arms that move one factor at a time from our protocol to the
    study's (split; preparation; procedure), the study's full protocol, and with ``factorial`` all
    eight combinations. Effects are differences of class-balanced accuracy (mean per-class
@@ -140,9 +141,10 @@ class AuditConfig:
         factorial: all eight (split, preparation, procedure) arms instead of one at a time.
         controls: run the negative control (and judge the positive one on synthetic hard data).
         leak_procedure: the training procedure of the leak design's runs: "study" (the study's:
-            the last epoch of at most ``epochs``, early stopping patience 3, no PreciseBN; a
-            model that trains longer memorises more of its training cluster images) or "ours"
-            (the best validation epoch on a grouped validation split, PreciseBN).
+            its validation split at cell level, so it shares cluster images with training, early
+            stopping patience 3 on it, the last epoch, no PreciseBN; a model that trains longer
+            memorises more of its training cluster images) or "ours" (a grouped validation
+            split, the best validation epoch, PreciseBN).
     """
 
     data_dir: Optional[str] = None
@@ -341,9 +343,11 @@ def _prepare(cfg: AuditConfig, raw: Path, arm: Arm, k: int, study_split: str, ou
              say) -> Path:
     """The prepared dataset of one (arm, seed or fold); shared by arms that prepare alike."""
     variant = "thesis" if arm.preparation == "study" else "standard"
-    if arm.split == "leak":
-        target = out / "prepared" / ("negative-leak" if arm.negative else "leak")
-        kwargs = dict(split="grouped", folds=cfg.folds, seed=0, leak_cells=cfg.leak_cells)
+    if arm.split == "leak":            # the study's procedure validates on a cell-level split
+        val = "cells" if arm.procedure == "study" else "grouped"
+        target = out / "prepared" / f"{'negative-' if arm.negative else ''}leak-val-{val}"
+        kwargs = dict(split="grouped", folds=cfg.folds, seed=0, leak_cells=cfg.leak_cells,
+                      leak_val=val)
         prepared = target / f"fold_{k}"
     elif arm.split == "study":           # fixed membership: the seed only moves augmentation
         seed = k if cfg.augment else 0

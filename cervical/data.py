@@ -782,6 +782,19 @@ def _grouped_fold(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, f
     raise AssertionError("unreachable")
 
 
+def _cell_level_val(labels: Sequence[int], seed: int, val: float = 0.2) -> np.ndarray:
+    """Per class, ``train_test_split`` into train and val (val share ``val``), at cell level."""
+    from sklearn.model_selection import train_test_split
+
+    y = np.asarray(labels)
+    out = np.full(len(y), "train", dtype=object)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if len(idx) >= 2:
+            out[train_test_split(idx, test_size=val, random_state=seed)[1]] = "val"
+    return out
+
+
 def split_grouped(labels: Sequence[int], groups: Sequence[str], seed: int = 42,
                   test: float = 0.2, val: float = 0.2) -> np.ndarray:
     """Stratified split with no group (cluster image) in two splits.
@@ -1226,6 +1239,7 @@ class PrepareOptions:
     variant: str = "standard"          # whose defaults filled the options above
     synthetic: str = "default"         # the synthetic generator's difficulty ("hard")
     leak_cells: int = 0                # > 0: the randomised-leak design (randomise_leak)
+    leak_val: str = "grouped"          # its validation split: "grouped" or "cells" (the study's)
 
 
 @dataclasses.dataclass
@@ -1294,7 +1308,7 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             progress: Optional[files.Progress] = None, variant: str = "standard",
             augment_at: Optional[str] = None, fill: Optional[str] = None,
             jpeg_quality: Optional[int] = None, augment_order: Optional[str] = None,
-            synthetic: str = "default", leak_cells: int = 0) -> dict:
+            synthetic: str = "default", leak_cells: int = 0, leak_val: str = "grouped") -> dict:
     """Raw dataset -> prepared dataset folder (thesis ch. 5: size analysis, resize, split, augment).
 
     Everything is written to a staging folder beside ``out`` and renamed into place at the end,
@@ -1330,6 +1344,10 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
         leak_cells: > 0 (grouped splits only): the randomised-leak design of ``randomise_leak``:
             in half the test cluster images of every class, this many cells move to train; the
             design is recorded in dataset.json ("leak_design").
+        leak_val: with ``leak_cells``: "grouped" keeps the grouped validation split; "cells"
+            re-splits the training and validation cells at cell level (per class 80/20, as the
+            study's validation split was, so validation shares cluster images with training and
+            early stopping rewards memorising them), the moved cells staying in train.
     Returns:
         A summary dict (also stored in dataset.json).
     """
@@ -1351,12 +1369,15 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
                         "grouped")
     if leak_cells < 0 or leak_cells > 50:
         raise DataError(f"--leak-cells {leak_cells}: must be 0 (off) to 50")
+    if leak_val not in ("grouped", "cells"):
+        raise DataError(f"--leak-val {leak_val}: unknown; choose grouped or cells")
     opts = PrepareOptions(dataset, None if data_dir is None else Path(data_dir), task, class_map,
                           size, chosen["resize"], chosen["interpolation"], chosen["split"],
                           split_kind, manifest_csv, folds, augment, seed, per_class,
                           workers or os.cpu_count() or 1, save_images, progress,
                           chosen["augment_at"], chosen["fill"], int(chosen["jpeg_quality"]),
-                          chosen["augment_order"], variant, synthetic, int(leak_cells))
+                          chosen["augment_order"], variant, synthetic, int(leak_cells),
+                          leak_val)
     _check_out_vs_data_dir(out, data_dir)
     with files.output_lock(out):
         stage = _stage_dir(out, overwrite)
@@ -1530,7 +1551,16 @@ def _assign_splits(cells: _Cells, opts: PrepareOptions
         return assignments, [None] * len(assignments)
     pairs = [randomise_leak(a, cells.labels, cells.groups, opts.leak_cells, opts.seed, k)
              for k, a in enumerate(assignments)]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    designs = [dict(p[1], validation=opts.leak_val) for p in pairs]
+    if opts.leak_val == "grouped":
+        return [p[0] for p in pairs], designs
+    out = []
+    for (assign, _), before in zip(pairs, assignments):
+        pool = np.flatnonzero(np.isin(before, ("train", "val")))     # not the moved test cells
+        assign = assign.copy()
+        assign[pool] = _cell_level_val(cells.labels[pool], opts.seed)
+        out.append(assign)
+    return out, designs
 
 
 def _augment_train(cells: _Cells, assignments: List[np.ndarray], opts: PrepareOptions

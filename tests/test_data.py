@@ -567,3 +567,32 @@ def test_prepare_variant_thesis_records_the_studys_choices(tmp_path):
         "pad", "target", "border", 0)
     with pytest.raises(data.DataError, match="--jpeg-quality"):
         data.prepare(dataset="synthetic", out=tmp_path / "r", jpeg_quality=101, per_class=4)
+
+
+@pytest.mark.parametrize("leak_val", ["grouped", "cells"])
+def test_prepare_leak_design_per_fold(tmp_path, leak_val):
+    """prepare(leak_cells=1): every fold records its design; a leaked cluster has exactly its one
+    moved cell in train and none in val, a held-out cluster none in train or val (its set-aside
+    cell is in no split); with leak_val "cells" the validation split shares cluster images with
+    train (the study's), with "grouped" it shares none."""
+    out = tmp_path / "p"
+    data.prepare(dataset="synthetic", out=out, per_class=30, size=16, augment=0, folds=2,
+                 leak_cells=1, leak_val=leak_val, save_images=False, seed=3)
+    for k in range(2):
+        d = out / f"fold_{k}"
+        design = data.read_info(d)["leak_design"]
+        assert design["validation"] == leak_val and design["moved"] == 1
+        rows = data.read_manifest(d)
+        by = {}
+        for r in rows:
+            by.setdefault(r["group"], []).append(r["split"])
+        assert design["leaked"] and design["held_out"]
+        for g in design["leaked"]:
+            assert by[g].count("train") == 1 and "val" not in by[g] and "test" in by[g]
+        for g in design["held_out"]:
+            assert set(by[g]) == {"test"}
+        train_groups = {r["group"] for r in rows if r["split"] == "train"}
+        val_groups = {r["group"] for r in rows if r["split"] == "val"}
+        assert bool(train_groups & val_groups) == (leak_val == "cells")
+        n_all = sum(len(v) for v in by.values())
+        assert n_all + design["set_aside_cells"] == 150
