@@ -47,9 +47,9 @@ Anal. Quant. Cytol. Histol. 23, 2001)::
 with ``I0`` the (tinted, slightly uneven) illumination, ``D_k`` the density map of stain ``k`` and
 ``a_k`` its RGB optical-density vector (hematoxylin, eosin, light green, orange G of the Pap stain).
 
-Determinism: the stain of cluster ``NNN`` is drawn from ``default_rng([seed, 1, class_index, NNN])``
-and cell ``NNN_MM`` from ``default_rng([seed, 2, class_index, NNN, MM])`` (the tags 1, 2 keep the
-two streams apart: SeedSequence treats trailing zeros as absent), so a file depends only on
+Determinism: the stain of cluster ``NNN`` is drawn from ``default_rng([seed, 1, class_index, NNN])``,
+its phenotype (hard setting) from ``default_rng([seed, 4, class_index, NNN])``, and cell ``NNN_MM``
+from ``default_rng([seed, 2, class_index, NNN, MM])`` (the tags 1, 2, 4 keep the streams apart: SeedSequence treats trailing zeros as absent), so a file depends only on
 (seed, class, NNN, MM), never on the other classes or on generation order; same seed, same bytes
 (on the same platform and library versions).
 """
@@ -190,21 +190,31 @@ class Difficulty:
         cluster_spread: factor on the spread of every cluster-level condition of sample_stain
             around its centre (stain hue and strengths, illumination, haze, blur, noise,
             magnification, nucleus scale, debris).
+        cluster_phenotype: 0, or the share of each (widened) morphology range that one cluster
+            image does NOT span: its cells come from one patient and one lesion, so each cluster
+            draws a position u in [0, 1] per range and its cells draw from a sub-range of width
+            (1 - cluster_phenotype) x the class's, placed at u (``phenotype_spec``). With it,
+            ``p_atypical`` applies per cluster image (all its cells drawn like one neighbouring
+            class) instead of per cell. Cells of one image then resemble each other more than
+            other cells of their class: what a model learns from some of them tells it about
+            the others, which is the second way a cell-level split leaks.
     """
 
     name: str = "default"
     widen: float = 1.0
     p_atypical: float = 0.0
     cluster_spread: float = 1.0
+    cluster_phenotype: float = 0.0
 
 
 #: The generator's settings: the easy default; the overlapping, strongly clustered "hard" one; and
 #: "hard-uniform", the hard classes with every cluster image under the same conditions (spread 0:
-#: each condition at its centre), where knowing a cluster image can teach nothing about its other
-#: cells - the audit's negative control.
+#: each condition at its centre) and no cluster phenotype (cells drawn independently within their
+#: class, atypical cells one by one), where knowing a cluster image can teach nothing about its
+#: other cells - the audit's negative control.
 DIFFICULTIES = MappingProxyType({"default": Difficulty(),
                                  "hard": Difficulty("hard", widen=2.0, p_atypical=0.3,
-                                                    cluster_spread=2.0),
+                                                    cluster_spread=2.0, cluster_phenotype=0.6),
                                  "hard-uniform": Difficulty("hard-uniform", widen=2.0,
                                                             p_atypical=0.3, cluster_spread=0.0)})
 
@@ -235,6 +245,51 @@ def widened(spec: "ClassSpec", factor: float) -> "ClassSpec":
         lo = max(lo, lo_lim) if lo_lim is not None else lo
         hi = min(hi, hi_lim) if hi_lim is not None else hi
         changes[name] = (lo, max(hi, lo))
+    return dataclasses.replace(spec, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phenotype:
+    """What the cells of one cluster image share biologically (Difficulty.cluster_phenotype).
+
+    Attributes:
+        position: {morphology range name: u in [0, 1]}, where in each class range the cluster's
+            cells lie (``phenotype_spec``).
+        atypical_as: None, or the neighbouring class whose morphology all its cells take.
+    """
+
+    position: Mapping[str, float]
+    atypical_as: Optional[str] = None
+
+
+def sample_phenotype(rng: np.random.Generator, cls: str, difficulty: "Difficulty"
+                     ) -> Optional[Phenotype]:
+    """The shared phenotype of one cluster image of class ``cls`` (None without one)."""
+    if difficulty.cluster_phenotype <= 0:
+        return None
+    position = {name: float(rng.uniform()) for name in _RANGE_LIMITS}
+    atypical = None
+    if rng.random() < difficulty.p_atypical:
+        atypical = NEIGHBOURS[cls][int(rng.integers(len(NEIGHBOURS[cls])))]
+    return Phenotype(MappingProxyType(position), atypical)
+
+
+def phenotype_spec(spec: "ClassSpec", phenotype: Phenotype, share: float) -> "ClassSpec":
+    """``spec`` with every morphology range (lo, hi) narrowed to the cluster's sub-range.
+
+    width w = hi - lo, sub-width v = (1 - share) w, and the sub-range [lo + u (w - v),
+    lo + u (w - v) + v] for the cluster's position u: u = 0 gives the range's low end, u = 1 its
+    high end, and over clusters (u uniform) every value of [lo, hi] stays reachable.
+    """
+    changes = {}
+    for name, u in phenotype.position.items():
+        rng_ = getattr(spec, name)
+        if rng_ is None:
+            continue
+        w = rng_[1] - rng_[0]
+        v = (1.0 - share) * w
+        lo = rng_[0] + u * (w - v)
+        changes[name] = (lo, lo + v)
     return dataclasses.replace(spec, **changes)
 
 
@@ -622,7 +677,8 @@ def _crop_frame(shapes: Sequence[Shape], size: int, rng: np.random.Generator
 
 
 def render_cell(cls: str, rng: np.random.Generator, stain: Stain, size: int,
-                difficulty: Difficulty = DIFFICULTIES["default"]
+                difficulty: Difficulty = DIFFICULTIES["default"],
+                phenotype: Optional[Phenotype] = None
                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one cell crop of class ``cls`` under a cluster's ``stain``.
 
@@ -632,6 +688,7 @@ def render_cell(cls: str, rng: np.random.Generator, stain: Stain, size: int,
         stain: the cluster image's stain and imaging conditions (sample_stain).
         size: the crop's longer side in px (the shorter one follows the cell's shape).
         difficulty: the generator's setting (atypical cells and widened ranges in "hard").
+        phenotype: the cluster image's shared phenotype (sample_phenotype), or None.
     Returns:
         (rgb uint8 (h, w, 3), nucleus polygon (P, 2), cytoplasm polygon (Q, 2)); polygons are
         x, y vertices in the crop's pixel coordinates (the cell outline includes any companion
@@ -644,7 +701,12 @@ def render_cell(cls: str, rng: np.random.Generator, stain: Stain, size: int,
     if size < 8:
         raise SyntheticError(f"size={size}: crops need at least 8 px; raise size")
     spec = CLASS_SPECS[cls]
-    if difficulty.name != "default":
+    if difficulty.name != "default" and phenotype is not None:
+        if phenotype.atypical_as is not None:
+            spec = CLASS_SPECS[phenotype.atypical_as]
+        spec = phenotype_spec(widened(spec, difficulty.widen), phenotype,
+                              difficulty.cluster_phenotype)
+    elif difficulty.name != "default":
         if rng.random() < difficulty.p_atypical:
             spec = CLASS_SPECS[NEIGHBOURS[cls][int(rng.integers(len(NEIGHBOURS[cls])))]]
         spec = widened(spec, difficulty.widen)
@@ -937,15 +999,17 @@ def generate(out_dir: os.PathLike, per_class: Union[int, Mapping[str, int]] = 60
             ci = CLASSES.index(cls)
             folder = stage / f"im_{cls}" / f"im_{cls}" / "CROPPED"
             folder.mkdir(parents=True)
-            stain, stain_of = None, None
+            stain, stain_of, phenotype = None, None, None
             for nnn, mm in cells:
                 if stain_of != nnn:
                     stain = sample_stain(np.random.default_rng([seed, 1, ci, nnn]),
                                          setting.cluster_spread)
+                    phenotype = sample_phenotype(np.random.default_rng([seed, 4, ci, nnn]),
+                                                 cls, setting)
                     stain_of = nnn
                 rng = np.random.default_rng([seed, 2, ci, nnn, mm])
                 size = crop_size(cls, rng, (lo, hi), stain.magnification)
-                rgb, nuc, cyt = render_cell(cls, rng, stain, size, setting)
+                rgb, nuc, cyt = render_cell(cls, rng, stain, size, setting, phenotype)
                 stem = f"{nnn:03d}_{mm:02d}"
                 _write_bmp(folder / f"{stem}.bmp", rgb)
                 (folder / f"{stem}_nuc.dat").write_text(format_dat(nuc))

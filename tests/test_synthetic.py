@@ -368,3 +368,29 @@ def test_progress_callable(tmp_path):
     S.generate(tmp_path / "p", per_class={"Parabasal": 3},
                progress=lambda step, done, total: calls.append((done, total)))
     assert calls[-1] == (3, 3) and all(t == 3 for _, t in calls)
+
+
+def test_phenotype_spec_known_sub_ranges():
+    """nc_ratio (0.2, 0.4), share 0.6: width 0.2, sub-width 0.08; u = 0 gives (0.2, 0.28), u = 1
+    gives (0.32, 0.4), u = 0.5 the middle (0.26, 0.34). Ranges not named stay as they were."""
+    spec = S.CLASS_SPECS["Parabasal"]
+    spec = __import__("dataclasses").replace(spec, nc_ratio=(0.2, 0.4))
+    for u, want in ((0.0, (0.2, 0.28)), (1.0, (0.32, 0.4)), (0.5, (0.26, 0.34))):
+        out = S.phenotype_spec(spec, S.Phenotype({"nc_ratio": u}), 0.6)
+        assert out.nc_ratio == pytest.approx(want)
+        assert out.nuc_density == spec.nuc_density
+
+
+def test_phenotype_only_in_the_hard_setting_and_per_cluster():
+    """default and hard-uniform draw none; hard draws one position per morphology range and,
+    with probability p_atypical, one neighbouring class for the whole cluster image."""
+    rng = np.random.default_rng(0)
+    for name in ("default", "hard-uniform"):
+        assert S.sample_phenotype(rng, "Koilocytotic", S.DIFFICULTIES[name]) is None
+    hard = S.DIFFICULTIES["hard"]
+    draws = [S.sample_phenotype(np.random.default_rng([1, i]), "Koilocytotic", hard)
+             for i in range(400)]
+    assert all(set(d.position) == set(S._RANGE_LIMITS) for d in draws)
+    atypical = [d.atypical_as for d in draws if d.atypical_as]
+    assert set(atypical) <= set(S.NEIGHBOURS["Koilocytotic"])
+    assert abs(len(atypical) / 400 - hard.p_atypical) < 0.06      # 3 binomial sd at n = 400
