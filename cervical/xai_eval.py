@@ -110,6 +110,7 @@ __all__ = [
     "EvalSettings",
     "evaluate_methods",
     "format_metrics_md",
+    "verdict_sentences",
     "plot_curves",
 ]
 
@@ -1531,9 +1532,21 @@ def _paired_section(metrics: Dict[str, Any], names: Dict[str, str]) -> List[str]
             cells = [f"{_diff(c)} {c['verdict']}" if c and c.get("estimate") is not None else "n/a"
                      for c in (comp.get(m, {}).get(r, {}).get(key) for r in refs)]
             lines.append(f"| {label} {_arrow(key)} | {names.get(m, m)} | " + " | ".join(cells) + " |")
+    return lines + ["", "**Verdict.** " + " ".join(verdict_sentences(metrics, names))]
+
+
+def verdict_sentences(metrics: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> List[str]:
+    """The plain-language verdict of the paired comparisons, one sentence per headline score and
+    one overall, built only from the verdicts (what beats, ties with or loses to each control)."""
+    names = {**REFERENCE_TITLES, **(names or {})}
+    comp = metrics["paired"]["comparisons"]
+    methods = list(metrics["methods"])
+    refs = [r for r in CONTROL_NAMES if r in metrics["reference"]]
+    scores = [(k, t) for k, t in HEADLINE_SCORES
+              if any(k in comp.get(m, {}).get(r, {}) for m in methods for r in refs)]
     sentences = [_score_sentence(comp, methods, refs, key, label, names) for key, label in scores]
     sentences.append(_overall_sentence(comp, methods, refs, scores, names))
-    return lines + ["", "**Verdict.** " + " ".join(s for s in sentences if s)]
+    return [s for s in sentences if s]
 
 
 _PLURAL = {"loses": "lose", "ties": "tie", "n/a": "n/a"}
