@@ -12,7 +12,10 @@ the test cells differ too. So the audit asks three separate questions, each with
    split in which, class by class, half the test cluster images (chosen by coin within pairs of
    equal size) give ``leak_cells`` of their cells to training and the other half set as many
    aside. One model sees both kinds; its accuracy on the remaining test cells of leaked against
-   held-out clusters, Mantel-Haenszel-adjusted for class, is the leak. Same model, preparation,
+   held-out clusters, Mantel-Haenszel-adjusted for class, is the leak. Each fold is also run
+   crossed (the other half leaks, the same cells moved or set aside), so every remaining test
+   cell is scored once leaked and once held out and the cluster bootstrap keeps the two paired:
+   differences in difficulty between cluster images cancel. Same model, preparation,
    procedure, cluster sizes and class mix on both sides. What a leak is worth depends on how far
    training memorises the training cluster images, so the design trains with the study's
    procedure by default, validation split at cell level included (``leak_procedure="ours"``: a
@@ -127,7 +130,8 @@ class AuditConfig:
         model, regime: what every arm trains (cervical.train); cost-sensitive continues a
             fine-tuned run of the same arm and seed, as the study did.
         seeds: runs per protocol arm (the grouped split and the training change with the seed).
-        folds: K >= 2: folds of the randomised-leak design (every cluster image tested once).
+        folds: K >= 2: folds of the randomised-leak design (every cluster image tested once,
+            then once more crossed: 2 K runs).
         leak_cells: cells per leaked test cluster moved to training (and per held-out one set
             aside).
         epochs: maximum epochs (the study's 50 by default).
@@ -227,7 +231,8 @@ def plan_arms(cfg: AuditConfig) -> List[Arm]:
 
 
 def _units(cfg: AuditConfig, arm: Arm) -> int:
-    return cfg.folds if arm.split == "leak" else cfg.seeds
+    """Runs of an arm: seeds, or 2 K for the leak design (K folds, then the K crossed folds)."""
+    return 2 * cfg.folds if arm.split == "leak" else cfg.seeds
 
 
 def run_audit(config: AuditConfig, progress: Optional[files.Progress] = None,
@@ -345,10 +350,12 @@ def _prepare(cfg: AuditConfig, raw: Path, arm: Arm, k: int, study_split: str, ou
     variant = "thesis" if arm.preparation == "study" else "standard"
     if arm.split == "leak":            # the study's procedure validates on a cell-level split
         val = "cells" if arm.procedure == "study" else "grouped"
-        target = out / "prepared" / f"{'negative-' if arm.negative else ''}leak-val-{val}"
+        swap = k >= cfg.folds                       # the crossover: the other half leaks
+        target = out / "prepared" / (f"{'negative-' if arm.negative else ''}leak-val-{val}"
+                                     f"{'-crossed' if swap else ''}")
         kwargs = dict(split="grouped", folds=cfg.folds, seed=0, leak_cells=cfg.leak_cells,
-                      leak_val=val)
-        prepared = target / f"fold_{k}"
+                      leak_val=val, leak_swap=swap)
+        prepared = target / f"fold_{k % cfg.folds}"
     elif arm.split == "study":           # fixed membership: the seed only moves augmentation
         seed = k if cfg.augment else 0
         target = prepared = out / "prepared" / f"study-split-{variant}-seed{seed}"
@@ -646,8 +653,8 @@ def format_audit(result: dict) -> str:
     lines = ["# Audit: how much of the accuracy is the protocol, and how much is the leak?", "",
              f"Data: {what}. Model {cfg['model']}, regime {cfg['regime']}, {cfg['size']} px, "
              f"x{cfg['augment'] + 1} augmentation, at most {cfg['epochs']} epochs; protocol arms "
-             f"{cfg['seeds']} seed(s) each, the leak design {cfg['folds']} grouped folds with "
-             f"{cfg['leak_cells']} cells moved per leaked cluster. Study split: "
+             f"{cfg['seeds']} seed(s) each, the leak design {cfg['folds']} grouped folds, each "
+             f"run also crossed, with {cfg['leak_cells']} cells moved per leaked cluster. Study split: "
              f"`{result['study_split']}`. Intervals: 95 % cluster bootstrap ({cfg['n_boot']} "
              f"resamples of the cluster images within each class, jointly over runs); training "
              f"randomness is pooled over runs, not resampled (per-run numbers below).", ""]

@@ -827,7 +827,7 @@ def split_folds(labels: Sequence[int], groups: Sequence[str], k: int, seed: int 
 
 
 def randomise_leak(assign: np.ndarray, labels: Sequence[int], groups: Sequence[str], moved: int,
-                   seed: int = 42, fold: int = 0) -> Tuple[np.ndarray, dict]:
+                   seed: int = 42, fold: int = 0, swap: bool = False) -> Tuple[np.ndarray, dict]:
     """The randomised-leak design: a grouped split in which half the test cluster images leak.
 
     The question it answers: how much more accurate is a model on cells whose cluster image gave
@@ -842,12 +842,18 @@ def randomise_leak(assign: np.ndarray, labels: Sequence[int], groups: Sequence[s
     cluster sizes and class mix on both sides, only the leak differs. Test clusters with too few
     cells stay in test outside both arms.
 
+    ``swap=True`` gives the crossover: the same draw (pairs, coins, and which cells of each cluster
+    move or are set aside) with the two arms exchanged. A model trained on the swapped design sees
+    the other half leak, so every remaining test cell is scored once leaked and once held out,
+    and cluster-to-cluster differences in difficulty cancel from the paired comparison.
+
     Args:
         assign: (N,) "train" / "val" / "test" of a grouped split (no group in two splits).
         labels: (N,) class labels.
         groups: (N,) cluster-image ids.
         moved: cells per leaked cluster moved to train (and per held-out cluster set aside), >= 1.
         seed, fold: the draw is ``default_rng([seed, 7, fold])``: same arguments, same design.
+        swap: exchange the leaked and held-out clusters of that draw (the crossover).
     Returns:
         (new assignment with "" for cells set aside, {"moved", "leaked": [group, ...],
         "held_out": [group, ...], "moved_cells": n, "set_aside_cells": n}).
@@ -881,13 +887,16 @@ def randomise_leak(assign: np.ndarray, labels: Sequence[int], groups: Sequence[s
                 continue
             leaked.append(pair[0])
             held.extend(pair[1:])
+    chosen = {grp: rng.choice(np.flatnonzero((g == grp) & (out == "test")), size=moved,
+                              replace=False) for grp in sorted(leaked + held)}
+    if swap:
+        leaked, held = held, leaked
     for group_list, target in ((leaked, "train"), (held, "")):
         for grp in group_list:
-            members = np.flatnonzero((g == grp) & (out == "test"))
-            out[rng.choice(members, size=moved, replace=False)] = target
+            out[chosen[grp]] = target
     design = {"moved": int(moved), "leaked": sorted(map(str, leaked)),
               "held_out": sorted(map(str, held)), "moved_cells": int(moved * len(leaked)),
-              "set_aside_cells": int(moved * len(held))}
+              "set_aside_cells": int(moved * len(held)), "swapped": bool(swap)}
     return out, design
 
 
@@ -1240,6 +1249,7 @@ class PrepareOptions:
     synthetic: str = "default"         # the synthetic generator's difficulty ("hard")
     leak_cells: int = 0                # > 0: the randomised-leak design (randomise_leak)
     leak_val: str = "grouped"          # its validation split: "grouped" or "cells" (the study's)
+    leak_swap: bool = False            # the crossover: leaked and held-out clusters exchanged
 
 
 @dataclasses.dataclass
@@ -1308,7 +1318,8 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             progress: Optional[files.Progress] = None, variant: str = "standard",
             augment_at: Optional[str] = None, fill: Optional[str] = None,
             jpeg_quality: Optional[int] = None, augment_order: Optional[str] = None,
-            synthetic: str = "default", leak_cells: int = 0, leak_val: str = "grouped") -> dict:
+            synthetic: str = "default", leak_cells: int = 0, leak_val: str = "grouped",
+            leak_swap: bool = False) -> dict:
     """Raw dataset -> prepared dataset folder (thesis ch. 5: size analysis, resize, split, augment).
 
     Everything is written to a staging folder beside ``out`` and renamed into place at the end,
@@ -1348,6 +1359,8 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             re-splits the training and validation cells at cell level (per class 80/20, as the
             study's validation split was, so validation shares cluster images with training and
             early stopping rewards memorising them), the moved cells staying in train.
+        leak_swap: with ``leak_cells``: the same design with the leaked and held-out clusters
+            exchanged (``randomise_leak``'s crossover).
     Returns:
         A summary dict (also stored in dataset.json).
     """
@@ -1377,7 +1390,7 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
                           workers or os.cpu_count() or 1, save_images, progress,
                           chosen["augment_at"], chosen["fill"], int(chosen["jpeg_quality"]),
                           chosen["augment_order"], variant, synthetic, int(leak_cells),
-                          leak_val)
+                          leak_val, bool(leak_swap))
     _check_out_vs_data_dir(out, data_dir)
     with files.output_lock(out):
         stage = _stage_dir(out, overwrite)
@@ -1549,8 +1562,8 @@ def _assign_splits(cells: _Cells, opts: PrepareOptions
         assignments = [split_grouped(cells.labels, cells.groups, opts.seed)]
     if not opts.leak_cells:
         return assignments, [None] * len(assignments)
-    pairs = [randomise_leak(a, cells.labels, cells.groups, opts.leak_cells, opts.seed, k)
-             for k, a in enumerate(assignments)]
+    pairs = [randomise_leak(a, cells.labels, cells.groups, opts.leak_cells, opts.seed, k,
+                            swap=opts.leak_swap) for k, a in enumerate(assignments)]
     designs = [dict(p[1], validation=opts.leak_val) for p in pairs]
     if opts.leak_val == "grouped":
         return [p[0] for p in pairs], designs

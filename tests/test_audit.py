@@ -265,3 +265,15 @@ def test_quick_audit_writes_everything_and_resumes(tmp_path):
     assert {r["run"]: (Path(r["run"]) / "model.keras").stat().st_mtime_ns
             for r in again["runs"]} == stamp
     assert again["effects"] == result["effects"]
+
+
+def test_randomise_leak_crossover_swaps_the_arms_on_the_same_cells():
+    """swap=True: the same draw with the arms exchanged. The cells moved to train under one are
+    exactly the cells set aside under the other, so the remaining test cells are identical."""
+    assign, labels, groups = _toy_grouped_split()
+    a, da = data.randomise_leak(assign, labels, groups, moved=2, seed=9)
+    b, db = data.randomise_leak(assign, labels, groups, moved=2, seed=9, swap=True)
+    assert (db["leaked"], db["held_out"]) == (da["held_out"], da["leaked"])
+    assert list(np.flatnonzero(a == "train")[np.isin(groups[a == "train"], da["leaked"])]) == \
+        list(np.flatnonzero(b == ""))
+    assert list(np.flatnonzero(a == "test")) == list(np.flatnonzero(b == "test"))
