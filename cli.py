@@ -146,6 +146,9 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leak-val", choices=["grouped", "cells"], default="grouped",
                    help="with --leak-cells: a grouped validation split, or one at cell level "
                         "from the training cells as the study's was (default: %(default)s)")
+    p.add_argument("--leak-swap", action="store_true",
+                   help="with --leak-cells: the crossover, the same design with the leaked and "
+                        "held-out cluster images exchanged")
     p.add_argument("--per-class", type=_int_in(0, "per_class"), default=None,
                    help="synthetic only: cells per class (default: 120; 'full' sizes via "
                         "--per-class 0 = the real SIPaKMeD counts)")
@@ -168,7 +171,8 @@ def run_prepare(args) -> int:
         save_images=not args.no_images, overwrite=args.overwrite, progress=_progress,
         variant=args.variant, augment_at=args.augment_at, fill=args.fill,
         jpeg_quality=args.jpeg_quality, augment_order=args.augment_order,
-        synthetic=args.synthetic, leak_cells=args.leak_cells, leak_val=args.leak_val)
+        synthetic=args.synthetic, leak_cells=args.leak_cells, leak_val=args.leak_val,
+        leak_swap=args.leak_swap)
     print(data.format_summary(summary))
     return 0
 
