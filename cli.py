@@ -432,6 +432,9 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factorial", action="store_true",
                    help="train all 8 (split, preparation, procedure) arms instead of moving one "
                         "factor at a time")
+    p.add_argument("--leak-only", dest="decompose", action="store_false",
+                   help="run only the leak design (and its negative control), not the protocol "
+                        "arms")
     p.add_argument("--no-controls", dest="controls", action="store_false",
                    help="skip the negative control (the leak design on data where a leak cannot "
                         "help); the report then says nothing was checked")
@@ -468,7 +471,7 @@ def run_audit(args) -> int:
                                              "folds", "leak_cells", "epochs", "size", "augment",
                                              "batch_size", "weights", "synthetic", "per_class",
                                              "n_boot", "out", "factorial", "controls",
-                                             "leak_procedure")}
+                                             "leak_procedure", "decompose")}
     if args.quick:
         options.update(audit.QUICK)
     result = audit.run_audit(audit.AuditConfig(**options), progress=_progress,

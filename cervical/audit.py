@@ -149,6 +149,7 @@ class AuditConfig:
             stopping patience 3 on it, the last epoch, no PreciseBN; a model that trains longer
             memorises more of its training cluster images) or "ours" (a grouped validation
             split, the best validation epoch, PreciseBN).
+        decompose: train the protocol arms (False: only the leak design and its control).
     """
 
     data_dir: Optional[str] = None
@@ -170,6 +171,7 @@ class AuditConfig:
     factorial: bool = False
     controls: bool = True
     leak_procedure: str = "study"
+    decompose: bool = True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,6 +225,7 @@ def plan_arms(cfg: AuditConfig) -> List[Arm]:
     """The arms an audit trains, in order."""
     names = [n for n in ARMS if n not in ("leak", "negative")] if cfg.factorial \
         else list(ONE_AT_A_TIME)
+    names = names if cfg.decompose else []
     names.append("leak")
     if cfg.controls:
         names.append("negative")
