@@ -522,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cli.py", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="Run 'python cli.py COMMAND --help' for the flags of each step.")
+    from cervical import __version__
+
+    parser.add_argument("--version", action="version", version=f"cervical {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (add_args, _, helptext) in COMMANDS.items():
         p = sub.add_parser(name, help=helptext, description=helptext)
