@@ -150,6 +150,8 @@ class AuditConfig:
             memorises more of its training cluster images) or "ours" (a grouped validation
             split, the best validation epoch, PreciseBN).
         decompose: train the protocol arms (False: only the leak design and its control).
+        seed: seed of the generated cells and of the leak design's folds and coins (the runs of
+            an arm are seeded 0, 1, ...).
     """
 
     data_dir: Optional[str] = None
@@ -172,6 +174,7 @@ class AuditConfig:
     controls: bool = True
     leak_procedure: str = "study"
     decompose: bool = True
+    seed: int = 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,7 +293,8 @@ def _check(config: AuditConfig) -> AuditConfig:
     from cervical import out_of_range, synthetic
 
     for name, low in (("seeds", 1), ("folds", 2), ("leak_cells", 1), ("epochs", 1), ("size", 8),
-                      ("augment", 0), ("batch_size", 1), ("per_class", 0), ("n_boot", 0)):
+                      ("augment", 0), ("batch_size", 1), ("per_class", 0), ("n_boot", 0),
+                      ("seed", 0)):
         limit = {"leak_cells": "augment"}.get(name, name)
         problem = out_of_range(f"--{name.replace('_', '-')}", getattr(cfg, name), low, limit)
         if problem:
@@ -328,9 +332,10 @@ def _generate(cfg: AuditConfig, raw: Path, setting: str, say) -> Path:
         say(f"generating the synthetic set ({setting} setting) in {raw}")
         if cfg.per_class == 0:
             synthetic.generate(raw, stems=synthetic.stems_from_csv(THESIS_SPLIT_CSV),
-                               difficulty=setting, overwrite=True)
+                               difficulty=setting, overwrite=True, seed=cfg.seed)
         else:
-            synthetic.generate(raw, per_class=cfg.per_class, difficulty=setting, overwrite=True)
+            synthetic.generate(raw, per_class=cfg.per_class, difficulty=setting, overwrite=True,
+                               seed=cfg.seed)
     return raw
 
 
@@ -356,7 +361,7 @@ def _prepare(cfg: AuditConfig, raw: Path, arm: Arm, k: int, study_split: str, ou
         swap = k >= cfg.folds                       # the crossover: the other half leaks
         target = out / "prepared" / (f"{'negative-' if arm.negative else ''}leak-val-{val}"
                                      f"{'-crossed' if swap else ''}")
-        kwargs = dict(split="grouped", folds=cfg.folds, seed=0, leak_cells=cfg.leak_cells,
+        kwargs = dict(split="grouped", folds=cfg.folds, seed=cfg.seed, leak_cells=cfg.leak_cells,
                       leak_val=val, leak_swap=swap)
         prepared = target / f"fold_{k % cfg.folds}"
     elif arm.split == "study":           # fixed membership: the seed only moves augmentation
