@@ -459,6 +459,9 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
                         "file names (default: %(default)s)")
     p.add_argument("--n-boot", type=_int_in(0, "n_boot"), default=2000,
                    help="bootstrap resamples of every interval (default: %(default)s)")
+    p.add_argument("--seed", type=_int_in(0, "seed"), default=0,
+                   help="seed of the generated cells and of the leak design's folds and coins "
+                        "(default: %(default)s)")
     p.add_argument("--out", default="outputs/audit", help="audit folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke test: 24 cells per class, 32 px, 2 epochs, one seed, 2 folds")
@@ -471,7 +474,7 @@ def run_audit(args) -> int:
                                              "folds", "leak_cells", "epochs", "size", "augment",
                                              "batch_size", "weights", "synthetic", "per_class",
                                              "n_boot", "out", "factorial", "controls",
-                                             "leak_procedure", "decompose")}
+                                             "leak_procedure", "decompose", "seed")}
     if args.quick:
         options.update(audit.QUICK)
     result = audit.run_audit(audit.AuditConfig(**options), progress=_progress,
