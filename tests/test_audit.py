@@ -4,7 +4,6 @@ the controls' verdicts, the study's own split, refusal, and a quick run."""
 import csv
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -222,16 +221,38 @@ def test_cli_exits_1_when_a_control_fails(tmp_path, monkeypatch, capsys):
     assert code == 1 and len(err) == 1 and "control failed" in err[0]
 
 
+#: The small audit the suite runs: 50 cells per class (about 60 cluster images per setting),
+#: 24 px, at most 20 epochs, one seed per protocol arm, the leak design on 2 folds crossed.
+SMALL = dict(per_class=50, size=24, augment=0, epochs=20, seeds=1, folds=2, n_boot=1000)
+
+
 @pytest.mark.slow
-def test_quick_audit_writes_everything_and_resumes(tmp_path):
-    cfg = audit.AuditConfig(out=str(tmp_path / "audit"), **audit.QUICK)
+def test_small_audit_controls_files_and_resume(tmp_path):
+    """The whole audit at small scale: both controls, every file, the leak design's invariants,
+    and a resume that trains nothing.
+
+    Controls, measured with the leak design alone at this size (``decompose=False``), seeds 0-4
+    of the generated cells and coins (2 CPU cores, tested versions):
+        leak (positive control)   +53.1 [+36.4, +67.6], +34.5 [+19.7, +49.3], +50.7 [+33.6, +67.8],
+                                  +36.6 [+21.3, +53.7], +35.6 [+21.2, +50.4] points
+        negative control          -8.3 [-21.2, +5.6], +0.7 [-11.7, +12.0], +7.0 [-7.1, +19.0],
+                                  -4.2 [-19.5, +12.7], +10.3 [-7.4, +27.1] points
+    Asserted at seed 1: the leak's lower bound > 0 (lowest over the five seeds +19.7: margin 19.7
+    points) and the negative interval covering 0 (over the five seeds its nearest bound was 5.6
+    points from 0; at seed 1, 11.7). At this size the leak is large (few cells are easy to
+    memorise) and the intervals wide; the full-size figures are in docs/audit.md."""
+    cfg = audit.AuditConfig(out=str(tmp_path / "audit"), seed=1, **SMALL)
     result = audit.run_audit(cfg)
+    assert result["leak"]["low"] > 0
+    neg = result["negative_control"]
+    assert neg["low"] <= 0 <= neg["high"]
+    assert result["controls"]["passed"] is True
     out = tmp_path / "audit"
     for name in ("audit.json", "audit.md", "audit.png", "cells.csv"):
         assert (out / name).is_file()
     assert json.loads((out / "audit.json").read_text())["runs"] == json.loads(
         json.dumps(result["runs"]))
-    assert result["study_split"] == "thesis"              # 24 cells per class: not the 4049 names
+    assert result["study_split"] == "thesis"              # 50 cells per class: not the 4049 names
     counts = result["leak_counts"]
     assert counts["ours"]["shared_test_cells"] == 0       # grouped: no cluster image shared
     assert counts["study"]["shared_test_cells"] > 0
@@ -246,34 +267,26 @@ def test_quick_audit_writes_everything_and_resumes(tmp_path):
             train_groups = {x["group"] for x in rows if x["split"] == "train"}
             assert set(design["leaked"]) <= train_groups
             assert not set(design["held_out"]) & train_groups
+            assert design["swapped"] == (r["unit"] >= cfg.folds)
         else:
             assert design is None
-    # the study-procedure runs were re-evaluated with re-estimated BatchNorm statistics
-    assert all(c["correct_bn"] != "" for c in cells if c["arm"] in ("study", "study-procedure"))
-    assert all(c["correct_bn"] == "" for c in cells if c["arm"] == "ours")
-    # the leak number is the class-adjusted contrast of the leak runs' cells
+    # crossed: every leak-arm test cell scored once leaked and once held out
     leak_cells = [c for c in cells if c["arm"] == "leak" and c["exposure"]]
+    kinds = {}
+    for c in leak_cells:
+        kinds.setdefault(c["path"].split("/", 1)[-1], []).append(c["exposure"])
+    assert all(sorted(v) == ["held_out", "leaked"] for v in kinds.values())
+    # the study-procedure protocol runs were re-scored with re-estimated BatchNorm statistics
+    assert all(c["correct_bn"] != "" for c in cells if c["arm"] in ("study", "study-procedure"))
+    assert all(c["correct_bn"] == "" for c in cells if c["arm"] in ("ours", "leak"))
+    # the leak number is the class-adjusted contrast of the leak runs' cells
     direct = metrics.class_adjusted_difference(
         [int(c["correct"]) for c in leak_cells], [c["exposure"] == "leaked" for c in leak_cells],
         [c["class"] for c in leak_cells], [c["group"] for c in leak_cells], n=cfg.n_boot, seed=0)
     assert result["leak"]["estimate"] == pytest.approx(direct["estimate"])
     # a second call trains nothing again: it reuses the finished runs
     stamp = {r["run"]: (Path(r["run"]) / "model.keras").stat().st_mtime_ns for r in result["runs"]}
-    t0 = time.time()
     again = audit.run_audit(cfg)
-    assert time.time() - t0 < 40
     assert {r["run"]: (Path(r["run"]) / "model.keras").stat().st_mtime_ns
             for r in again["runs"]} == stamp
-    assert again["effects"] == result["effects"]
-
-
-def test_randomise_leak_crossover_swaps_the_arms_on_the_same_cells():
-    """swap=True: the same draw with the arms exchanged. The cells moved to train under one are
-    exactly the cells set aside under the other, so the remaining test cells are identical."""
-    assign, labels, groups = _toy_grouped_split()
-    a, da = data.randomise_leak(assign, labels, groups, moved=2, seed=9)
-    b, db = data.randomise_leak(assign, labels, groups, moved=2, seed=9, swap=True)
-    assert (db["leaked"], db["held_out"]) == (da["held_out"], da["leaked"])
-    assert list(np.flatnonzero(a == "train")[np.isin(groups[a == "train"], da["leaked"])]) == \
-        list(np.flatnonzero(b == ""))
-    assert list(np.flatnonzero(a == "test")) == list(np.flatnonzero(b == "test"))
+    assert again["effects"] == result["effects"] and again["leak"] == result["leak"]
