@@ -64,8 +64,8 @@ from cervical import data, files, metrics
 __all__ = ["AuditError", "AuditConfig", "Arm", "ARMS", "QUICK", "run_audit", "leak_stats",
            "format_audit", "plan_arms", "departures", "THESIS_SPLIT_CSV"]
 
-#: The study's exact split membership, shipped with the repository.
-THESIS_SPLIT_CSV = Path(__file__).resolve().parents[1] / "data" / "splits" / "thesis_split.csv"
+#: The study's exact split membership (one home: cervical.data).
+THESIS_SPLIT_CSV = data.THESIS_SPLIT_CSV
 
 #: The small settings of ``--quick`` (the test suite's smoke run).
 QUICK = {"per_class": 24, "size": 32, "augment": 0, "epochs": 2, "seeds": 1, "folds": 2,

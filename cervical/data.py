@@ -35,6 +35,9 @@ import numpy as np
 from cervical import files
 
 SPLITS = ("train", "val", "test")
+#: The study's exact split membership (docs/study.md §1): data/splits/thesis_split.csv in the
+#: repository, shipped inside the package (a link to that file) so an installed copy has it too.
+THESIS_SPLIT_CSV = Path(__file__).with_name("thesis_split.csv")
 IMAGE_EXTS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MIN_SIDE = 8                    # smaller crops carry no usable cell (1x1 images are bad input)
 MAX_PIXELS = 40_000_000         # decompression-bomb guard (a SIPaKMeD crop is < 0.3 Mpx)
@@ -957,7 +960,7 @@ def resolve_split_spec(spec: str) -> Tuple[str, Optional[Path]]:
     if spec.startswith("manifest:"):
         target = spec.split(":", 1)[1]
         if target == "thesis":
-            return "manifest", Path(__file__).resolve().parents[1] / "data" / "splits" / "thesis_split.csv"
+            return "manifest", THESIS_SPLIT_CSV
         if not Path(target).is_file():
             raise DataError(f"--split {spec}: file not found; give manifest:PATH.csv with columns "
                             f"split,class,stem")
