@@ -162,6 +162,56 @@ def means_table(metrics: Dict[str, Any], labels: np.ndarray) -> str:
     return "\n".join(rows)
 
 
+def verdict_grid(metrics: Dict[str, Any]) -> str:
+    """Faithfulness at a glance: per method and score its mean and its verdicts against the
+    centred Gaussian, darkness, edges and random maps (b beats, t ties, l loses), in that order."""
+    scores = [("deletion_auc", "deletion ↓"), ("insertion_auc", "insertion ↑"),
+              ("road_morf_auc", "ROAD MoRF ↓"), ("road_lerf_auc", "ROAD LeRF ↑"),
+              ("road_lerf_minus_morf", "LeRF − MoRF ↑")]
+    scores = [(k, t) for k, t in scores if k in next(iter(metrics["per_cell"].values()))]
+    comp = metrics["paired"]["comparisons"]
+    lines = ["| method | " + " | ".join(t for _, t in scores) + " |", "|---" * (len(scores) + 1) + "|"]
+    for m in metrics["methods"]:
+        cells = [f"{metrics['methods'][m][k]['mean']:.3f} · " + " ".join(
+            comp[m][r][k]["verdict"][0] for r in ("centre", "darkness", "edges", "random"))
+            for k, _ in scores]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    refs = " / ".join(f"{r} " + ", ".join(f"{metrics['reference'][r][k]['mean']:.3f}" for k, _ in scores)
+                      for r in ("centre", "darkness", "edges", "random"))
+    return "\n".join(lines) + f"\n\nReference means ({', '.join(t for _, t in scores)}): {refs}"
+
+
+def peak_offsets(model, cues, predict, layers: Sequence[str] = LAYERS) -> str:
+    """Where the CAM peaks lie: median distance (px) from the peak to the cue centre on the cells
+    predicted "ring", and its median component towards the canvas centre (negative = outwards),
+    for the package's corner-aligned upsampling and for a half-pixel-aligned bilinear resize
+    (skimage ``resize``, order 1) of the same raw maps."""
+    from skimage.transform import resize
+
+    from cervical import cams
+
+    x = cues.images.astype(np.float32)
+    pred = predict(x).argmax(1)
+    ring = np.flatnonzero(pred == 1)
+    lines = ["| map | upsampling | peak - cue distance (median px) | towards the centre (median px) |",
+             "|---|---|---|---|"]
+    s = x.shape[1]
+    for layer in layers:
+        for method in ("gradcam", "layercam"):
+            raw = cams.compute(method, model, x[ring], class_index=pred[ring], layer=layer, upsample=False)
+            aligned = {"corner-aligned (package)": cams.resize_bilinear(raw, (s, s)),
+                       "half-pixel": np.stack([resize(r, (s, s), order=1, mode="edge") for r in raw])}
+            for how, maps in aligned.items():
+                peaks = np.array([np.unravel_index(np.argmax(a), a.shape) for a in maps], float)
+                cue = cues.centres[ring][:, ::-1]                   # (row, col)
+                to_centre = (s - 1) / 2.0 - cue
+                to_centre /= np.linalg.norm(to_centre, axis=1, keepdims=True)
+                d = peaks - cue
+                lines.append(f"| {method} @ {layer} | {how} | {np.median(np.hypot(*d.T)):.1f} | "
+                             f"{np.median((d * to_centre).sum(1)):+.1f} |")
+    return "\n".join(lines) + f"\n\n({len(ring)} cells predicted ring.)"
+
+
 def example_figure(model, cues, explainers: Dict[str, Any], predict, path: Path, n: int = 8) -> None:
     """Cells (half disk, half ring), their cue region and the maps of every method and reference."""
     from matplotlib.figure import Figure
@@ -214,6 +264,10 @@ def run_setting(name: str, cue: bool, args: argparse.Namespace, out: Path) -> Di
                    out / f"examples_{name}.png")
     _print_setting(name, cue, sets, summary, acc, result, test.labels,
                    (t_data, t_train, t_eval, time.perf_counter() - t0))
+    if cue:
+        print("\nWhere the CAM peaks lie (cells predicted ring; the cue disc has radius R + 0.5 = "
+              f"{np.median(test.radii) + 0.5:.1f} px, median):\n")
+        print(peak_offsets(model, test, predict))
     metrics = result["metrics"]
     (out / f"xai_metrics_{name}.md").write_text(xai_eval.format_metrics_md(metrics, f"XAI, {name}"))
     record = {"setting": name, "cue": cue, "test_accuracy": acc, "train_summary": summary,
@@ -236,12 +290,16 @@ def _print_setting(name, cue, sets, summary, acc, result, labels, times) -> None
     print(f"tiny: kept epoch {summary['kept_epoch']} of {summary['epochs_run']}, val accuracy "
           f"{summary['val_accuracy']:.3f}; test accuracy {acc['estimate']:.3f} "
           f"[{acc['low']:.3f}, {acc['high']:.3f}] (95 % bootstrap, {acc['n']} cells)")
+    test = subset(sets["test"], xai_eval.choose_eval_cells(sets["test"].labels, metrics["n_cells"]))
+    overlap = np.mean([(p & (m == 2)).any() for p, m in zip(test.placebo, test.masks)])
     print(f"explained: {metrics['n_cells']} class-balanced test cells, predicted class "
-          f"(accuracy on them {metrics['accuracy_on_cells']:.3f})\n")
+          f"(accuracy on them {metrics['accuracy_on_cells']:.3f}); the placebo disc overlaps the "
+          f"cue disc in {100 * overlap:.0f} % of them\n")
     print(means_table(metrics, labels) + "\n")
     print(xai_eval.format_localisation_md(result["table"], score_titles=SCORE_TITLES))
-    verdict = [ln for ln in xai_eval.format_metrics_md(metrics).splitlines() if ln.startswith("**Verdict")]
-    print("Faithfulness and the rest (paired with the reference maps): " + (verdict[0] if verdict else "n/a"))
+    print("Faithfulness (mean · verdict vs centre, darkness, edges, random; b beats, t ties, "
+          "l loses; full table in xai_metrics_<setting>.md):\n")
+    print(verdict_grid(metrics))
     sanity = ", ".join(f"{k} {'pass' if s['passed'] else 'FAIL' if s['passed'] is False else 'n/a'}"
                        for k, s in metrics["sanity"].items())
     print(f"\nSanity (cascading randomisation, {metrics['settings']['sanity_cells']} cells): {sanity}")
@@ -284,6 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--accuracy-only", action="store_true", help="only the seed study of accuracy")
     p.add_argument("--train-seeds", default="0,1,2,3,4", help="seeds of --accuracy-only")
     args = p.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

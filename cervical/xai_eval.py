@@ -113,6 +113,7 @@ __all__ = [
     "choose_eval_cells",
     "EvalSettings",
     "evaluate_methods",
+    "pool_evaluations",
     "format_metrics_md",
     "plot_curves",
 ]
@@ -1328,7 +1329,8 @@ def evaluate_methods(model: Any, images: np.ndarray, labels: np.ndarray,
             "nucleus" and "cell".
 
     Returns:
-        JSON-ready dict: "n_cells", "accuracy_on_cells", "settings", "fractions", "road_fractions",
+        JSON-ready dict: "n_cells", "accuracy_on_cells", "labels", "predicted" (per cell),
+        "settings", "fractions", "road_fractions",
         "chance", "chance_per_cell" ({region: {"area", "pointing"}: (N,) area fractions, of the
         mask dilated by the tolerance for pointing}), "methods", "reference", "paired", "sanity",
         "per_cell", "localisation_available".
@@ -1358,6 +1360,8 @@ def evaluate_methods(model: Any, images: np.ndarray, labels: np.ndarray,
         "n_cells": len(x),
         "accuracy_on_cells": float(np.mean(pred == np.asarray(labels))) if len(x) else None,
         "explained_class": "predicted",
+        "labels": [int(v) for v in np.asarray(labels).reshape(-1)],
+        "predicted": [int(v) for v in pred],
         "settings": {**settings.as_dict(), "sanity_cells": k},
         "fractions": fractions["deletion"].tolist(),
         "road_fractions": None if "road" not in fractions else fractions["road"].tolist(),
@@ -1371,6 +1375,61 @@ def evaluate_methods(model: Any, images: np.ndarray, labels: np.ndarray,
         "sanity": sanity,
         "per_cell": per_cell,
     }
+
+
+def pool_evaluations(parts: Sequence[Dict[str, Any]], keep: Optional[Sequence[bool]] = None,
+                     groups: Optional[Sequence] = None) -> Dict[str, Any]:
+    """Several :func:`evaluate_methods` results pooled cell by cell, optionally restricted to some cells.
+
+    For a K-fold cross-validation (each cell explained by the model that did not train on it) the
+    parts are the folds; ``keep`` then selects cells of the pooled set (e.g. one class, or the
+    misclassified cells). The per-cell scores and chance levels of the kept cells are concatenated
+    in part order, and everything computed from them is computed again from them: mean +/- std
+    per map, the chance levels, the accuracy, and the paired comparisons
+    (:func:`paired_comparisons`, intervals over ``groups`` of the kept cells when given). Not pooled:
+    the mean curves (kept only for the unrestricted pool, as the cell-weighted mean of the parts'
+    mean curves), the timings (cell-weighted mean) and the sanity check (the first part's).
+
+    Args:
+        parts: results of evaluate_methods with the same maps and settings.
+        keep: optional (N,) booleans over the pooled cells.
+        groups: optional (N,) cluster ids over the pooled cells.
+    Returns:
+        A dict of evaluate_methods' form.
+    Raises:
+        XaiEvalError: no parts, parts with other maps, or keep / groups of the wrong length.
+    """
+    if not parts or any(set(p["per_cell"]) != set(parts[0]["per_cell"]) for p in parts):
+        raise XaiEvalError("parts: give one or more evaluate_methods results of the same maps")
+    n = sum(p["n_cells"] for p in parts)
+    k = np.ones(n, bool) if keep is None else np.asarray(keep, bool).reshape(-1)
+    if k.size != n or (groups is not None and len(groups) != n):
+        raise XaiEvalError(f"keep/groups: need one value per pooled cell ({n})")
+    cat = lambda lists: [v for lst in lists for v in lst]                     # noqa: E731
+    pick = lambda values: [v for v, ok in zip(values, k) if ok]               # noqa: E731
+    per_cell = {m: {s: pick(cat(p["per_cell"][m][s] for p in parts)) for s in sc}
+                for m, sc in parts[0]["per_cell"].items()}
+    chance = {r: {c: pick(cat(p["chance_per_cell"][r][c] for p in parts)) for c in v}
+              for r, v in parts[0]["chance_per_cell"].items()}
+    labels, pred = pick(cat(p["labels"] for p in parts)), pick(cat(p["predicted"] for p in parts))
+    weights = np.array([p["n_cells"] for p in parts], dtype=np.float64) / max(n, 1)
+    first = parts[0]
+    out = {**first, "n_cells": len(labels), "labels": labels, "predicted": pred,
+           "accuracy_on_cells": float(np.mean(np.equal(labels, pred))) if labels else None,
+           "per_cell": per_cell, "chance_per_cell": chance,
+           "chance": {f"{r}_{c if c == 'pointing' else 'area'}": mean_std(v)
+                      for r, cv in chance.items() for c, v in cv.items()},
+           "paired": paired_comparisons(per_cell, None if groups is None else pick(groups),
+                                        n_boot=first["settings"]["paired_n_boot"],
+                                        seed=first["settings"]["seed"])}
+    for group in ("methods", "reference"):
+        out[group] = {m: {s: mean_std(per_cell[m][s]) for s in per_cell[m]} for m in first[group]}
+        for m, r in out[group].items():
+            secs = [p[group][m].get("seconds_per_cell") for p in parts]
+            r["seconds_per_cell"] = None if None in secs else float(np.dot(weights, secs))
+            for curve in (c for c in first[group][m] if c.startswith("mean_") and keep is None):
+                r[curve] = np.tensordot(weights, [p[group][m][curve] for p in parts], 1).tolist()
+    return out
 
 
 def _timed_maps(model: Any, x: np.ndarray, pred: np.ndarray, explainers: Dict[str, ExplainFn],
