@@ -1014,9 +1014,9 @@ class CueSet:
         masks: uint8 (N, S, S): 2 the inclusion's disc (|p - c| <= R + 1/2: every pixel the
             inclusion darkens, ring hole included), 1 the rest of the cell, 0 background.
         nucleus: bool (N, S, S) the main cell's nucleus.
-        placebo: bool (N, S, S) a second disc of the same radius drawn by the same rule,
-            independently of the first (never drawn on): a site exchangeable with the true one
-            when the image carries no cue.
+        placebo: bool (N, S, S) a second disc of the same radius drawn by the same rule and
+            disjoint from the first (never drawn on; ``_site_pair``): a site exchangeable with
+            the true one when the image carries no cue.
         centres: float64 (N, 2) inclusion centres (x = column, y = row).
         placebo_centres: float64 (N, 2).
         radii: float64 (N,) outer radius R (px).
@@ -1060,7 +1060,7 @@ class CueGeometry:
             :func:`inclusion_profile`).
     """
 
-    crop: Tuple[float, float] = (0.55, 0.75)
+    crop: Tuple[float, float] = (0.6, 0.8)
     radius: Tuple[float, float] = (0.06, 0.08)
     inner: Tuple[float, float] = (0.5, 0.6)
     min_centre: float = 0.2
@@ -1189,10 +1189,22 @@ def _inclusion_sites(canvas: np.ndarray, cell: np.ndarray, nucleus: np.ndarray, 
     return np.argwhere(ok)
 
 
-def _site(rng: np.random.Generator, sites: np.ndarray) -> np.ndarray:
-    """One site drawn uniformly, moved by U(-1/2, 1/2) px along each axis: (x, y)."""
-    row, col = sites[int(rng.integers(len(sites)))]
-    return np.array([col, row], dtype=np.float64) + rng.uniform(-0.5, 0.5, 2)
+def _site_pair(rng: np.random.Generator, sites: np.ndarray, radius: float,
+               tries: int = 200) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Two sites (x, y) whose discs (R + 1/2) do not touch: the inclusion's and the placebo's.
+
+    Each is a uniform draw from ``sites`` moved by U(-1/2, 1/2) px along each axis; the pair is
+    drawn again until the centres lie more than 2 R + 1 apart. Accepting or rejecting a pair
+    depends on it symmetrically, so the accepted pair is exchangeable: swapping the two sites
+    gives a pair of the same probability, and with nothing drawn a map cannot tell them apart.
+    None when ``tries`` draws found no such pair (the cell is then drawn again).
+    """
+    for _ in range(tries):
+        rc = sites[rng.integers(len(sites), size=2)]
+        pair = rc[:, ::-1].astype(np.float64) + rng.uniform(-0.5, 0.5, (2, 2))
+        if np.hypot(*(pair[0] - pair[1])) > 2.0 * radius + 1.0:
+            return pair[0], pair[1]
+    return None
 
 
 def cue_cells(n: int, size: int = 64, seed: int = 0, cue: bool = True,
@@ -1201,9 +1213,9 @@ def cue_cells(n: int, size: int = 64, seed: int = 0, cue: bool = True,
 
     Cell i (i = 0..n-1): its label is a fair coin from ``default_rng([seed, 11, i])``; its cell,
     stain, canvas position, inclusion radius R ~ U(radius) S, ring inner radius r ~ U(inner) R,
-    peak density ~ U(peak_od) and site come from ``default_rng([seed, 10, i, attempt])``; its
-    placebo site from ``default_rng([seed, 12, i])``. So a cell depends only on (seed, i, size,
-    geometry), never on n, and ``cue=False`` draws exactly the same cells, labels and sites.
+    peak density ~ U(peak_od), site and placebo site come from ``default_rng([seed, 10, i,
+    attempt])``. So a cell depends only on (seed, i, size, geometry), never on n, and
+    ``cue=False`` draws exactly the same cells, labels and sites.
 
     1. A cell of a random morphology (uniform over CLASSES, so morphology says nothing about the
        label), its own stain (``sample_stain``), is rendered by ``render_cell`` at a crop side of
@@ -1211,7 +1223,9 @@ def cue_cells(n: int, size: int = 64, seed: int = 0, cue: bool = True,
        (cells are not centred).
     2. The inclusion site is drawn uniformly from the centres where its disc lies inside the
        cytoplasm, clear of the nucleus by ``gap`` S and at least ``min_centre`` S from the canvas
-       centre (``_inclusion_sites``); when there is none the cell is drawn again (``attempts``).
+       centre (``_inclusion_sites``), together with a placebo site drawn by the same rule whose
+       disc does not touch it (``_site_pair``); when there is no such pair the cell is drawn
+       again (``attempts``).
     3. With ``cue``: the inclusion is drawn by Beer-Lambert absorption with the stain's
        hematoxylin vector (:func:`draw_inclusion`): label 1 a ring, label 0 a disk of the same
        outer radius and the same integrated optical density A = peak_od sum_p soft(R - d(p))
@@ -1255,13 +1269,13 @@ def _cue_cell(seed: int, i: int, size: int, cue: bool, geo: CueGeometry, max_att
         inner = radius * rng.uniform(*geo.inner)
         peak = rng.uniform(*geo.peak_od)
         sites = _inclusion_sites(canvas, cell, nucleus, bg, radius, geo)
-        if len(sites):
+        pair = _site_pair(rng, sites, radius) if len(sites) else None
+        if pair is not None:
             break
     else:
         raise SyntheticError(f"cue_cells: cell {i} found no room for an inclusion in {max_attempts} "
                              f"draws; lower geometry.radius or geometry.min_centre")
-    centre = _site(rng, sites)
-    placebo_centre = _site(np.random.default_rng([seed, 12, i]), sites)
+    centre, placebo_centre = pair
     profile, disc = inclusion_profile((size, size), centre[0], centre[1], radius, inner, label == 1)
     placebo = inclusion_profile((size, size), placebo_centre[0], placebo_centre[1], radius,
                                 inner, False)[1]

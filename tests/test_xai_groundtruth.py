@@ -119,18 +119,22 @@ def test_total_od_is_the_measured_log_ratio_over_the_disc(pair):
         assert abs(np.log(i0 / i1).sum() / a - cue.total_od[i]) <= (0.5 / (i1 - 0.5)).sum() / a
 
 
-def test_inclusion_is_off_centre_inside_the_cell_and_clear_of_the_nucleus(pair):
-    """Centre >= min_centre S from the canvas centre; the disc grown by 1 px stays in the cell;
-    every disc pixel is >= gap S from every nucleus pixel (the site rule of _inclusion_sites)."""
+def test_inclusion_and_placebo_are_off_centre_inside_the_cell_clear_of_the_nucleus(pair):
+    """Both sites follow the rule of _inclusion_sites: centre >= min_centre S from the canvas
+    centre; the disc grown by 1 px stays in the cell; every disc pixel is >= gap S from every
+    nucleus pixel. And the two discs do not touch (centres > 2 R + 1 apart, _site_pair)."""
     cue, _ = pair
     geo, s = S.CueGeometry(), 64
-    dist = np.hypot(cue.centres[:, 0] - 31.5, cue.centres[:, 1] - 31.5)
-    assert dist.min() >= geo.min_centre * s
+    for centres in (cue.centres, cue.placebo_centres):
+        assert np.hypot(centres[:, 0] - 31.5, centres[:, 1] - 31.5).min() >= geo.min_centre * s
+    apart = np.hypot(*(cue.centres - cue.placebo_centres).T)
+    assert (apart > 2 * cue.radii + 1).all()
     for i in range(len(cue.labels)):
-        disc = cue.masks[i] == 2
-        assert (cue.masks[i][X.dilate(disc, 1.0)] >= 1).all()
-        dq = np.argwhere(disc)[:, None, :] - np.argwhere(cue.nucleus[i])[None, :, :]
-        assert np.hypot(dq[..., 0], dq[..., 1]).min() >= geo.gap * s
+        assert not (cue.placebo[i] & (cue.masks[i] == 2)).any()
+        for disc in (cue.masks[i] == 2, cue.placebo[i]):
+            assert (cue.masks[i][X.dilate(disc, 1.0)] >= 1).all()
+            dq = np.argwhere(disc)[:, None, :] - np.argwhere(cue.nucleus[i])[None, :, :]
+            assert np.hypot(dq[..., 0], dq[..., 1]).min() >= geo.gap * s
         r = cue.radii[i]
         assert disc.sum() == pytest.approx(math.pi * (r + 0.5) ** 2, rel=0.2)
         assert cue.placebo[i].sum() == pytest.approx(math.pi * (r + 0.5) ** 2, rel=0.2)
