@@ -134,6 +134,10 @@ def accuracy_line(metrics: Dict[str, Any]) -> str:
     y, p = np.asarray(metrics["labels"]), np.asarray(metrics["predicted"])
     if y.size == 0:
         return "no cells"
+    if np.unique(y).size == 1:                  # one class: accuracy is that class's recall
+        ci = bootstrap_ci(y, p, metric="accuracy", n=1000, seed=0)
+        return (f"{y.size} cells of one class; recall {ci['estimate']:.3f} "
+                f"[{ci['low']:.3f}, {ci['high']:.3f}]")
     parts = []
     for name in ("accuracy", "balanced_accuracy"):
         ci = bootstrap_ci(y, p, metric=name, n=1000, seed=0)
