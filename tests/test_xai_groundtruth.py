@@ -274,3 +274,14 @@ def test_pool_evaluations_concatenates_and_recomputes():
     assert "mean_deletion_curve" not in one["methods"]["box"]
     with pytest.raises(X.XaiEvalError, match="one value per pooled cell"):
         X.pool_evaluations(parts, keep=[True])
+
+
+def test_benchmark_model_check():
+    """Cue setting: passes at or above MIN_CUE_ACCURACY only; no-cue setting: passes when the
+    accuracy interval covers 0.5."""
+    import xai_groundtruth as B
+
+    m = B.MIN_CUE_ACCURACY
+    assert B._model_check(True, {"estimate": m}) and not B._model_check(True, {"estimate": m - 0.01})
+    assert B._model_check(False, {"estimate": 0.47, "low": 0.41, "high": 0.53})
+    assert not B._model_check(False, {"estimate": 0.6, "low": 0.54, "high": 0.66})
