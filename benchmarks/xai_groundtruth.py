@@ -95,12 +95,17 @@ def train_tiny(folder: Path, run: Path, epochs: int, seed: int):
 
 
 def accuracy_ci(predict, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Dict[str, Any]:
-    """Accuracy on (x, y) with a 95 % percentile bootstrap interval over cells."""
-    from cervical.metrics import cluster_mean_ci
+    """Accuracy on (x, y) with a 95 % percentile bootstrap interval over cells, and under
+    "balanced" the balanced accuracy (mean recall of the two classes) with its interval: 0.5 in
+    expectation whenever the predictions are independent of the labels, however lopsided."""
+    from cervical.metrics import bootstrap_ci, cluster_mean_ci
 
     pred = np.concatenate([predict(x[i:i + 256].astype(np.float32)).argmax(1)
                            for i in range(0, len(x), 256)])
-    return cluster_mean_ci((pred == y).astype(np.float64), n=2000, seed=seed)
+    out = cluster_mean_ci((pred == y).astype(np.float64), n=2000, seed=seed)
+    out["balanced"] = bootstrap_ci(y, pred, metric="balanced_accuracy", n=2000, seed=seed,
+                                   num_classes=2)
+    return out
 
 
 def method_explainers(layers: Sequence[str] = LAYERS, lime: bool = True) -> Dict[str, Any]:
@@ -286,14 +291,17 @@ def run_setting(name: str, cue: bool, args: argparse.Namespace, out: Path) -> Di
 
 def _model_check(cue: bool, acc: Dict[str, Any]) -> bool:
     """Did the model do what the setting needs? With the cue: test accuracy >= MIN_CUE_ACCURACY.
-    Without it: the accuracy interval covers 0.5 (the labels are coin flips). Printed."""
+    Without it: the balanced-accuracy interval covers 0.5 (coin-flip labels: a model that
+    predicts one class more often than the test labels hold it misses plain accuracy 0.5 by
+    chance, while its balanced accuracy stays 0.5 in expectation). Printed."""
     if cue:
         ok = acc["estimate"] >= MIN_CUE_ACCURACY
         print(f"model check: test accuracy {acc['estimate']:.3f} {'>=' if ok else '<'} "
               f"{MIN_CUE_ACCURACY} -> {'the model uses the cue' if ok else 'FAILED: the model did not learn the cue; the verdicts above are not about a cue-using model'}")
     else:
-        ok = acc["low"] <= 0.5 <= acc["high"]
-        print(f"model check: test accuracy interval [{acc['low']:.3f}, {acc['high']:.3f}] "
+        b = acc["balanced"]
+        ok = b["low"] <= 0.5 <= b["high"]
+        print(f"model check: balanced accuracy {b['estimate']:.3f} [{b['low']:.3f}, {b['high']:.3f}] "
               f"{'covers' if ok else 'does NOT cover'} 0.5 (coin-flip labels)")
     return ok
 
@@ -310,7 +318,9 @@ def _print_setting(name, cue, sets, summary, acc, result, labels, times) -> None
           + f"; train morphologies: " + ", ".join(f"{k} {v}" for k, v in sorted(morph.items())))
     print(f"tiny: kept epoch {summary['kept_epoch']} of {summary['epochs_run']}, val accuracy "
           f"{summary['val_accuracy']:.3f}; test accuracy {acc['estimate']:.3f} "
-          f"[{acc['low']:.3f}, {acc['high']:.3f}] (95 % bootstrap, {acc['n']} cells)")
+          f"[{acc['low']:.3f}, {acc['high']:.3f}], balanced accuracy "
+          f"{acc['balanced']['estimate']:.3f} [{acc['balanced']['low']:.3f}, "
+          f"{acc['balanced']['high']:.3f}] (95 % bootstrap, {acc['n']} cells)")
     test = subset(sets["test"], xai_eval.choose_eval_cells(sets["test"].labels, metrics["n_cells"]))
     overlap = np.mean([(p & (m == 2)).any() for p, m in zip(test.placebo, test.masks)])
     print(f"explained: {metrics['n_cells']} class-balanced test cells, predicted class "

@@ -278,10 +278,19 @@ def test_pool_evaluations_concatenates_and_recomputes():
 
 def test_benchmark_model_check():
     """Cue setting: passes at or above MIN_CUE_ACCURACY only; no-cue setting: passes when the
-    accuracy interval covers 0.5."""
+    balanced-accuracy interval covers 0.5."""
     import xai_groundtruth as B
 
     m = B.MIN_CUE_ACCURACY
     assert B._model_check(True, {"estimate": m}) and not B._model_check(True, {"estimate": m - 0.01})
-    assert B._model_check(False, {"estimate": 0.47, "low": 0.41, "high": 0.53})
-    assert not B._model_check(False, {"estimate": 0.6, "low": 0.54, "high": 0.66})
+    assert B._model_check(False, {"balanced": {"estimate": 0.47, "low": 0.41, "high": 0.53}})
+    assert not B._model_check(False, {"balanced": {"estimate": 0.6, "low": 0.54, "high": 0.66}})
+
+
+def test_benchmark_accuracy_balanced_hand_values():
+    """Labels 1, 1, 1, 0 predicted all 1: accuracy 3/4, balanced accuracy (1 + 0) / 2 = 1/2."""
+    import xai_groundtruth as B
+
+    predict = lambda b: np.tile([0.2, 0.8], (len(b), 1))   # noqa: E731
+    acc = B.accuracy_ci(predict, np.zeros((4, 8, 8, 3), np.uint8), np.array([1, 1, 1, 0]))
+    assert acc["estimate"] == 0.75 and acc["balanced"]["estimate"] == 0.5
