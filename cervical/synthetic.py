@@ -47,6 +47,10 @@ Anal. Quant. Cytol. Histol. 23, 2001)::
 with ``I0`` the (tinted, slightly uneven) illumination, ``D_k`` the density map of stain ``k`` and
 ``a_k`` its RGB optical-density vector (hematoxylin, eosin, light green, orange G of the Pap stain).
 
+A second, separate generator, :func:`cue_cells`, makes a two-class ground-truth set for saliency
+maps: the class is decided only by a ring-or-disk inclusion at a known, off-centre place in each
+cell (docs/xai.md §5); it returns arrays and writes nothing.
+
 Determinism: the stain of cluster ``NNN`` is drawn from ``default_rng([seed, 1, class_index, NNN])``
 and cell ``NNN_MM`` from ``default_rng([seed, 2, class_index, NNN, MM])`` (the tags 1, 2 keep the
 two streams apart: SeedSequence treats trailing zeros as absent), so a file depends only on

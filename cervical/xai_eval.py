@@ -50,10 +50,22 @@ Controls and paired comparisons
     loses, from the side of 0 the interval lies on (:func:`paired_comparisons`). A method that does
     not beat a control on a score has shown nothing on that score, and the report says so.
 
+Chance levels that a map cannot game
+    The area fraction |s| / (H W) is what a uniform map's energy share and a random point's hit rate
+    equal; :func:`chance_comparisons` gives every map's per-cell difference with it (or with the
+    same map's score in another region) with an interval and a verdict. A map that concentrates on
+    the cell beats the area fraction of any region inside the cell without knowing anything; where
+    a placebo region drawn by the same rule as the true one exists (the ground-truth benchmark,
+    :func:`cervical.synthetic.cue_cells`), the difference with it is the exchangeable control.
+    :func:`localisation_comparisons` collects all of them into one table
+    (:func:`format_localisation_md`; docs/xai.md).
+
 Several methods at once
     :func:`evaluate_methods` runs all of the above for a set of explainers (small callables
     ``explain(model, images, classes) -> maps``) on a set of cells, beside the reference maps, and
     :func:`format_metrics_md` writes the tables and a verdict paragraph generated from the intervals.
+    :func:`pool_evaluations` pools the evaluations of K folds cell by cell (or keeps a subset of the
+    cells, e.g. one class) and computes the intervals again.
 
 This module imports only NumPy at import time; Keras is imported inside :func:`weighted_layers` and the
 randomisation check, scikit-image inside :func:`blur_baseline`, SciPy inside the ROAD imputation,
