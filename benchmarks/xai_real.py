@@ -107,7 +107,7 @@ def cross_validate(folder: Path, folds: int, training: Dict[str, Any], full: boo
     """Train tiny on every fold and evaluate its test cells; the pooled evaluation and accuracies."""
     from cervical import data, explain, train, xai_eval
 
-    parts, accs, t_train = [], [], 0.0
+    parts, kept, t_train = [], [], 0.0
     for k in range(folds):
         t0 = time.perf_counter()
         run = work / f"run_{tag}_{k}"
@@ -122,9 +122,9 @@ def cross_validate(folder: Path, folds: int, training: Dict[str, Any], full: boo
         parts.append(xai_eval.evaluate_methods(model, test.x, test.y, test.masks, explainers(full),
                                                predict=explain._probabilities(model),
                                                settings=settings))
-        accs.append(summary["kept_epoch"])
+        kept.append(summary["kept_epoch"])
     pooled = xai_eval.pool_evaluations(parts)
-    return {"parts": parts, "pooled": pooled, "kept_epochs": accs, "train_seconds": t_train}
+    return {"parts": parts, "pooled": pooled, "kept_epochs": kept, "train_seconds": t_train}
 
 
 def accuracy_line(metrics: Dict[str, Any]) -> str:
