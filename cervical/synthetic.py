@@ -47,9 +47,14 @@ Anal. Quant. Cytol. Histol. 23, 2001)::
 with ``I0`` the (tinted, slightly uneven) illumination, ``D_k`` the density map of stain ``k`` and
 ``a_k`` its RGB optical-density vector (hematoxylin, eosin, light green, orange G of the Pap stain).
 
+A second, separate generator, :func:`cue_cells`, makes a two-class ground-truth set for saliency
+maps: the class is decided only by a ring-or-disk inclusion at a known, off-centre place in each
+cell (docs/xai.md §5); it returns arrays and writes nothing.
+
 Determinism: the stain of cluster ``NNN`` is drawn from ``default_rng([seed, 1, class_index, NNN])``,
 its phenotype (hard setting) from ``default_rng([seed, 4, class_index, NNN])``, and cell ``NNN_MM``
-from ``default_rng([seed, 2, class_index, NNN, MM])`` (the tags 1, 2, 4 keep the streams apart: SeedSequence treats trailing zeros as absent), so a file depends only on
+from ``default_rng([seed, 2, class_index, NNN, MM])`` (the tags 1, 2, 4 keep the streams apart:
+SeedSequence treats trailing zeros as absent), so a file depends only on
 (seed, class, NNN, MM), never on the other classes or on generation order; same seed, same bytes
 (on the same platform and library versions).
 """
@@ -1049,3 +1054,305 @@ def _commit(stage: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(stage, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# A ground-truth benchmark for saliency maps: the class lies in a small inclusion at a known place
+# ------------------------------------------------------------------------------------------------
+#
+# On real crops a cell sits in the middle and its nucleus is the darkest thing in it, so a fixed
+# centred Gaussian and a "1 - grey level" map find the nucleus about as well as any saliency method
+# (docs/xai.md). Whether a method shows where the *model's evidence* is cannot be read off such
+# data. ``cue_cells`` makes a two-class set in which the evidence has a known place that is neither
+# the centre nor the darkest blob: every cell (any of the five morphologies, its own stain) is put
+# at a random place on a larger canvas, and a small inclusion is drawn in its cytoplasm, away from
+# the nucleus and from the canvas centre. Class 1: a ring; class 0: a filled disk of the same outer
+# radius and the same integrated optical density. Nothing else differs between the classes.
+
+#: Version of the cue-cell generator (bump when the same seed would give other pixels).
+CUE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CueSet:
+    """The cells of :func:`cue_cells` and everything drawn for them (N cells, canvas S px).
+
+    Attributes:
+        images: uint8 (N, S, S, 3).
+        labels: int64 (N,): 1 ring, 0 disk (with the cue); a fair coin (without it).
+        masks: uint8 (N, S, S): 2 the inclusion's disc (|p - c| <= R + 1/2: every pixel the
+            inclusion darkens, ring hole included), 1 the rest of the cell, 0 background.
+        nucleus: bool (N, S, S) the main cell's nucleus.
+        placebo: bool (N, S, S) a second disc of the same radius drawn by the same rule and
+            disjoint from the first (never drawn on; ``_site_pair``): a site exchangeable with
+            the true one when the image carries no cue.
+        centres: float64 (N, 2) inclusion centres (x = column, y = row).
+        placebo_centres: float64 (N, 2).
+        radii: float64 (N,) outer radius R (px).
+        inner: float64 (N,) inner radius of the ring (drawn for every cell, used by rings only).
+        total_od: float64 (N,) integrated optical density A of the inclusion (see
+            :func:`draw_inclusion`); drawn independently of the label.
+        od_vectors: float64 (N, 3) unit RGB optical-density vector of the inclusion's stain.
+        cell_classes: (N,) morphology drawn for each cell (a CLASSES name; no label information).
+        attempts: int64 (N,) cells drawn until one had room for both sites (1 = first).
+        cue: whether the inclusion was drawn.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray
+    nucleus: np.ndarray
+    placebo: np.ndarray
+    centres: np.ndarray
+    placebo_centres: np.ndarray
+    radii: np.ndarray
+    inner: np.ndarray
+    total_od: np.ndarray
+    od_vectors: np.ndarray
+    cell_classes: Tuple[str, ...]
+    attempts: np.ndarray
+    cue: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CueGeometry:
+    """Sizes of :func:`cue_cells` as fractions of the canvas side S (so a set scales with S).
+
+    Attributes:
+        crop: (low, high) longer side of the rendered cell crop (``render_cell``'s size).
+        radius: (low, high) outer radius R of the inclusion.
+        inner: (low, high) ring inner radius as a fraction of R.
+        min_centre: smallest distance of the inclusion centre from the canvas centre.
+        gap: smallest distance between the inclusion's disc and the nucleus (or any pixel as dark
+            as a nucleus, e.g. a companion cell's) and, minus 1 px, the cell outline.
+        peak_od: (low, high) optical density of the disk (the ring's is higher, see
+            :func:`inclusion_profile`).
+    """
+
+    crop: Tuple[float, float] = (0.6, 0.8)
+    radius: Tuple[float, float] = (0.06, 0.08)
+    inner: Tuple[float, float] = (0.5, 0.6)
+    min_centre: float = 0.2
+    gap: float = 0.03
+    peak_od: Tuple[float, float] = (0.5, 1.0)
+
+
+def inclusion_profile(shape: Tuple[int, int], cx: float, cy: float, radius: float, inner: float,
+                      ring: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """The optical-density profile of a disk or ring inclusion, and its disc.
+
+    With d(p) the distance of pixel centre p from (cx, cy) and soft(t) = clip(t + 1/2, 0, 1) the
+    anti-aliased coverage of ``_soft``:
+        disk:  P(p) = soft(R - d)
+        ring:  P(p) = k (soft(R - d) - soft(r - d)),  k = sum soft(R - d) / sum (soft(R - d) - soft(r - d))
+    so both have the same sum over the pixel grid, sum_p P(p) = sum_p soft(R - d(p)) (equal
+    integrated density, hence equal total absorbance for the same strength), and the ring is k
+    times as dense where it is. Support: P > 0 only where d < R + 1/2, inside the returned disc
+    d <= R + 1/2.
+
+    Example (R = 1 centred on a pixel): soft = 1 at the centre, 1/2 at the 4 direct neighbours,
+    1.5 - sqrt(2) at the 4 diagonal ones; sum 3 + 4 (1.5 - sqrt(2)); the disc holds those 9 pixels.
+
+    Args:
+        shape: (H, W).
+        cx, cy: centre (x = column, y = row).
+        radius: outer radius R > 0.
+        inner: ring inner radius r, 0 < r < R (ignored for a disk).
+        ring: ring (True) or disk (False).
+    Returns:
+        (profile float64 (H, W), disc bool (H, W)).
+    Raises:
+        SyntheticError: on radii out of range.
+    """
+    if not 0.0 < float(radius) or (ring and not 0.0 < float(inner) < float(radius)):
+        raise SyntheticError(f"radius={radius}, inner={inner}: need 0 < inner < radius")
+    y, x = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    d = np.hypot(x - cx, y - cy)
+    outer = _soft(radius - d)
+    disc = d <= radius + 0.5
+    if not ring:
+        return outer, disc
+    band = outer - _soft(inner - d)
+    return band * (outer.sum() / band.sum()), disc
+
+
+def draw_inclusion(image: np.ndarray, profile: np.ndarray, peak_od: float,
+                   od_vector: np.ndarray) -> np.ndarray:
+    """Beer-Lambert absorption by an inclusion: I'(p) = I(p) exp(-peak_od P(p) a), a the RGB
+    optical-density vector (unit norm), rounded to 8 bits and clipped to [1, 255] where P > 0; every
+    pixel with P = 0 keeps its value.
+
+    Summed over pixels and channels, log(I / I') = A sum_c a_c with A = peak_od sum_p P(p), the
+    integrated optical density, up to rounding (|error| <= 0.5 / I' per pixel and channel).
+
+    Args:
+        image: (H, W, 3) image (8-bit values).
+        profile: (H, W) profile P (:func:`inclusion_profile`).
+        peak_od: density where P = 1.
+        od_vector: (3,) stain optical-density vector.
+    Returns:
+        uint8 (H, W, 3).
+    """
+    x = np.asarray(image, dtype=np.float64)
+    od = float(peak_od) * profile[..., None] * np.asarray(od_vector, dtype=np.float64)
+    out = np.where(profile[..., None] > 0.0, np.clip(np.rint(x * np.exp(-od)), 1, 255), np.rint(x))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _feather(h: int, w: int, width: int = 3) -> np.ndarray:
+    """(h, w, 1) paste weight: 1 inside, falling linearly to 1 / (width + 1) on the crop's edge."""
+    r = np.minimum(np.arange(h), np.arange(h)[::-1])[:, None]
+    c = np.minimum(np.arange(w), np.arange(w)[::-1])[None, :]
+    return np.minimum(1.0, (np.minimum(r, c) + 1.0) / (width + 1.0))[..., None]
+
+
+def _cell_on_canvas(rng: np.random.Generator, size: int, geo: CueGeometry):
+    """A random cell rendered by ``render_cell`` and pasted at a random place on an S x S canvas.
+
+    The canvas is the crop's background colour (median of its outer pixel ring) plus the stain's
+    sensor noise; the crop is blended in with a 3-px linear feather so its edge leaves no step.
+
+    Returns:
+        (canvas float64 (S, S, 3) of 8-bit values, cell mask, nucleus mask, class, stain, bg (3,)).
+    """
+    from cervical.data import rasterize_polygon
+
+    cls = CLASSES[int(rng.integers(len(CLASSES)))]
+    stain = sample_stain(rng)
+    crop = int(round(size * rng.uniform(*geo.crop)))
+    rgb, nuc, cyt = render_cell(cls, rng, stain, crop)
+    h, w = rgb.shape[:2]
+    top, left = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+    ring = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]]).astype(np.float64)
+    bg = np.median(ring, axis=0)
+    canvas = bg + rng.normal(0.0, stain.noise, (size, size, 3))
+    a = _feather(h, w)
+    canvas[top:top + h, left:left + w] = a * rgb + (1.0 - a) * canvas[top:top + h, left:left + w]
+    canvas = np.clip(np.rint(canvas), 0, 255)
+    shift = np.array([left, top], dtype=np.float64)
+    cell = rasterize_polygon(cyt + shift, (size, size))
+    nucleus = rasterize_polygon(nuc + shift, (size, size))
+    return canvas, cell, nucleus, cls, stain, bg
+
+
+def _inclusion_sites(canvas: np.ndarray, cell: np.ndarray, nucleus: np.ndarray, bg: np.ndarray,
+                     radius: float, geo: CueGeometry) -> np.ndarray:
+    """(K, 2) integer (row, col) centres where an inclusion of radius R, moved by up to 1/2 px
+    along each axis, has its disc (R + 1/2) at least 1 px inside the cell, at least ``gap`` from
+    the nucleus and from any nucleus-dark pixel, and its centre at least ``min_centre`` from the
+    canvas centre. Nucleus-dark: mean optical density log(bg / I) (Gaussian sigma 1) at least 0.6
+    times the nucleus' median (companion cells' nuclei, debris)."""
+    from scipy import ndimage
+    from skimage.filters import gaussian
+
+    s = canvas.shape[0]
+    reach = radius + 0.5 + math.sqrt(0.5)                # disc radius plus the largest jitter
+    od = np.log(bg / np.maximum(canvas, 1.0)).mean(axis=-1)
+    od = gaussian(od, sigma=1.0, mode="nearest")
+    dark = nucleus | (od >= 0.6 * float(np.median(od[nucleus]))) if nucleus.any() else od > 1e9
+    inside = ndimage.distance_transform_edt(np.pad(cell, 1))[1:-1, 1:-1]
+    away = ndimage.distance_transform_edt(~dark) if dark.any() else np.full(cell.shape, np.inf)
+    yy, xx = np.mgrid[0:s, 0:s]
+    far = np.hypot(xx - (s - 1) / 2.0, yy - (s - 1) / 2.0) >= geo.min_centre * s + math.sqrt(0.5)
+    ok = (inside >= reach + 1.0) & (away >= reach + geo.gap * s) & far
+    return np.argwhere(ok)
+
+
+def _site_pair(rng: np.random.Generator, sites: np.ndarray, radius: float,
+               tries: int = 200) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Two sites (x, y) whose discs (R + 1/2) do not touch: the inclusion's and the placebo's.
+
+    Each is a uniform draw from ``sites`` moved by U(-1/2, 1/2) px along each axis; the pair is
+    drawn again until the centres lie more than 2 R + 1 apart. Accepting or rejecting a pair
+    depends on it symmetrically, so the accepted pair is exchangeable: swapping the two sites
+    gives a pair of the same probability, and with nothing drawn a map cannot tell them apart.
+    None when ``tries`` draws found no such pair (the cell is then drawn again).
+    """
+    for _ in range(tries):
+        rc = sites[rng.integers(len(sites), size=2)]
+        pair = rc[:, ::-1].astype(np.float64) + rng.uniform(-0.5, 0.5, (2, 2))
+        if np.hypot(*(pair[0] - pair[1])) > 2.0 * radius + 1.0:
+            return pair[0], pair[1]
+    return None
+
+
+def cue_cells(n: int, size: int = 64, seed: int = 0, cue: bool = True,
+              geometry: CueGeometry = CueGeometry(), max_attempts: int = 50) -> CueSet:
+    """A two-class set whose class is decided only by an inclusion at a known, varying place.
+
+    Cell i (i = 0..n-1): its label is a fair coin from ``default_rng([seed, 11, i])``; its cell,
+    stain, canvas position, inclusion radius R ~ U(radius) S, ring inner radius r ~ U(inner) R,
+    peak density ~ U(peak_od), site and placebo site come from ``default_rng([seed, 10, i,
+    attempt])``. So a cell depends only on (seed, i, size, geometry), never on n, and
+    ``cue=False`` draws exactly the same cells, labels and sites.
+
+    1. A cell of a random morphology (uniform over CLASSES, so morphology says nothing about the
+       label), its own stain (``sample_stain``), is rendered by ``render_cell`` at a crop side of
+       U(crop) S and pasted at a uniformly random place on an S x S canvas of its background colour
+       (cells are not centred).
+    2. The inclusion site is drawn uniformly from the centres where its disc lies inside the
+       cytoplasm, clear of the nucleus by ``gap`` S and at least ``min_centre`` S from the canvas
+       centre (``_inclusion_sites``), together with a placebo site drawn by the same rule whose
+       disc does not touch it (``_site_pair``); when there is no such pair the cell is drawn
+       again (``attempts``).
+    3. With ``cue``: the inclusion is drawn by Beer-Lambert absorption with the stain's
+       hematoxylin vector (:func:`draw_inclusion`): label 1 a ring, label 0 a disk of the same
+       outer radius and the same integrated optical density A = peak_od sum_p soft(R - d(p))
+       (:func:`inclusion_profile`). The two classes differ in shape only, at one place.
+       Without ``cue`` nothing is drawn: the label is a coin flip that no pixel carries (the
+       negative setting), while the masks still mark where the inclusion would have been.
+
+    Args:
+        n: cells (>= 1).
+        size: canvas side S in px (>= 32).
+        seed: base seed (>= 0).
+        cue: draw the inclusion (True) or not (False).
+        geometry: the sizes (:class:`CueGeometry`).
+        max_attempts: cells drawn per index before giving up.
+    Returns:
+        A :class:`CueSet`.
+    Raises:
+        SyntheticError: bad arguments, or no cell with room for an inclusion in max_attempts.
+    """
+    _check_args(seed, (size, size))
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or size < 32:
+        raise SyntheticError(f"n={n!r}, size={size!r}: need n >= 1 and size >= 32 px")
+    rows = [_cue_cell(int(seed), i, int(size), bool(cue), geometry, max_attempts) for i in range(n)]
+    col = {k: [r[k] for r in rows] for k in rows[0]}
+    return CueSet(images=np.stack(col["image"]), labels=np.array(col["label"], dtype=np.int64),
+                  masks=np.stack(col["mask"]), nucleus=np.stack(col["nucleus"]),
+                  placebo=np.stack(col["placebo"]), centres=np.array(col["centre"]),
+                  placebo_centres=np.array(col["placebo_centre"]), radii=np.array(col["radius"]),
+                  inner=np.array(col["inner"]), total_od=np.array(col["total_od"]),
+                  od_vectors=np.array(col["od_vector"]), cell_classes=tuple(col["cls"]),
+                  attempts=np.array(col["attempts"], dtype=np.int64), cue=bool(cue))
+
+
+def _cue_cell(seed: int, i: int, size: int, cue: bool, geo: CueGeometry, max_attempts: int) -> dict:
+    """Cell i of :func:`cue_cells`, as a dict of its CueSet fields (singular names)."""
+    label = int(np.random.default_rng([seed, 11, i]).integers(2))
+    for attempt in range(max_attempts):
+        rng = np.random.default_rng([seed, 10, i, attempt])
+        canvas, cell, nucleus, cls, stain, bg = _cell_on_canvas(rng, size, geo)
+        radius = size * rng.uniform(*geo.radius)
+        inner = radius * rng.uniform(*geo.inner)
+        peak = rng.uniform(*geo.peak_od)
+        sites = _inclusion_sites(canvas, cell, nucleus, bg, radius, geo)
+        pair = _site_pair(rng, sites, radius) if len(sites) else None
+        if pair is not None:
+            break
+    else:
+        raise SyntheticError(f"cue_cells: cell {i} found no room for an inclusion in {max_attempts} "
+                             f"draws; lower geometry.radius or geometry.min_centre")
+    centre, placebo_centre = pair
+    profile, disc = inclusion_profile((size, size), centre[0], centre[1], radius, inner, label == 1)
+    placebo = inclusion_profile((size, size), placebo_centre[0], placebo_centre[1], radius,
+                                inner, False)[1]
+    image = draw_inclusion(canvas, profile, peak, stain.od[0]) if cue else canvas.astype(np.uint8)
+    mask = cell.astype(np.uint8)
+    mask[disc] = 2
+    return {"image": image, "label": label, "mask": mask, "nucleus": nucleus, "placebo": placebo,
+            "centre": centre, "placebo_centre": placebo_centre, "radius": radius, "inner": inner,
+            "total_od": peak * float(_soft(radius - np.hypot(*np.mgrid[0:size, 0:size]
+                                                              - centre[::-1, None, None])).sum()),
+            "od_vector": np.array(stain.od[0]), "cls": cls, "attempts": attempt + 1}

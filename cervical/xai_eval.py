@@ -50,10 +50,22 @@ Controls and paired comparisons
     loses, from the side of 0 the interval lies on (:func:`paired_comparisons`). A method that does
     not beat a control on a score has shown nothing on that score, and the report says so.
 
+Chance levels that a map cannot game
+    The area fraction |s| / (H W) is what a uniform map's energy share and a random point's hit rate
+    equal; :func:`chance_comparisons` gives every map's per-cell difference with it (or with the
+    same map's score in another region) with an interval and a verdict. A map that concentrates on
+    the cell beats the area fraction of any region inside the cell without knowing anything; where
+    a placebo region drawn by the same rule as the true one exists (the ground-truth benchmark,
+    :func:`cervical.synthetic.cue_cells`), the difference with it is the exchangeable control.
+    :func:`localisation_comparisons` collects all of them into one table
+    (:func:`format_localisation_md`; docs/xai.md).
+
 Several methods at once
     :func:`evaluate_methods` runs all of the above for a set of explainers (small callables
     ``explain(model, images, classes) -> maps``) on a set of cells, beside the reference maps, and
     :func:`format_metrics_md` writes the tables and a verdict paragraph generated from the intervals.
+    :func:`pool_evaluations` pools the evaluations of K folds cell by cell (or keeps a subset of the
+    cells, e.g. one class) and computes the intervals again.
 
 This module imports only NumPy at import time; Keras is imported inside :func:`weighted_layers` and the
 randomisation check, scikit-image inside :func:`blur_baseline`, SciPy inside the ROAD imputation,
@@ -102,6 +114,10 @@ __all__ = [
     "LOWER_IS_BETTER",
     "default_pairs",
     "paired_comparisons",
+    "chance_comparisons",
+    "LOCALISATION_CONTROLS",
+    "localisation_comparisons",
+    "format_localisation_md",
     "REFERENCE_TITLES",
     "darkness_map",
     "sobel_edges",
@@ -109,6 +125,7 @@ __all__ = [
     "choose_eval_cells",
     "EvalSettings",
     "evaluate_methods",
+    "pool_evaluations",
     "format_metrics_md",
     "verdict_sentences",
     "plot_curves",
@@ -1045,6 +1062,99 @@ def paired_comparisons(per_cell: Dict[str, Dict[str, Sequence[Optional[float]]]]
             "lower_is_better": sorted(LOWER_IS_BETTER), "comparisons": comparisons}
 
 
+def chance_comparisons(per_cell: Dict[str, Dict[str, Sequence[Optional[float]]]],
+                       chance: Dict[str, Union[str, Sequence[float]]],
+                       groups: Optional[Sequence] = None, n_boot: int = 1000, seed: int = 0,
+                       alpha: float = 0.05) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Every map's per-cell score minus a per-cell chance level, with an interval and a verdict.
+
+    For a map m and a score s in ``chance``: d_i = s_m(i) - c_i, where c_i is either given per cell
+    (e.g. the mask's area fraction |s_i| / (H W): what a uniform map's energy share and a random
+    point's hit rate equal) or, when ``chance[s]`` is a score name, that score of the same map on
+    the same cell (e.g. the energy share in a placebo region drawn like the true one: the two are
+    exchangeable when the image carries no evidence at the true place, so d then centres on 0).
+    Mean, percentile cluster-bootstrap interval (:func:`cervical.metrics.cluster_mean_ci`) and
+    verdict beats / ties / loses (:func:`cervical.metrics.verdict`; every score here is higher-is-
+    better) as in :func:`paired_comparisons`. A map whose d is 0 on every cell (a constant map
+    against the area fraction) gets the interval [0, 0]: ties.
+
+    Args:
+        per_cell: {map: {score: (N,) values}} (:func:`evaluate_methods`' "per_cell").
+        chance: {score: (N,) chance values, or the name of another score of the same map}.
+        groups, n_boot, seed, alpha: as in :func:`paired_comparisons`.
+    Returns:
+        {map: {score: {"estimate", "low", "high", "n", "n_groups", "verdict"}}} for the maps that
+        have the score (and the named chance score).
+    Raises:
+        XaiEvalError: chance values of the wrong length.
+    """
+    from cervical import metrics as M
+
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for name, scores in per_cell.items():
+        for score, ref in chance.items():
+            if score not in scores or (isinstance(ref, str) and ref not in scores):
+                continue
+            c = np.asarray(scores[ref] if isinstance(ref, str) else ref, dtype=np.float64)
+            v = np.asarray(scores[score], dtype=np.float64)
+            if c.shape != v.shape:
+                raise XaiEvalError(f"chance[{score!r}]: {c.size} values for {v.size} cells; give one per cell")
+            ci = M.cluster_mean_ci(v - c, groups, n=int(n_boot), seed=seed, alpha=alpha)
+            row = {k: ci[k] for k in ("estimate", "low", "high", "n", "n_groups")}
+            row["verdict"] = M.verdict(ci, higher_is_better=True)
+            out.setdefault(name, {})[score] = row
+    return out
+
+
+#: Columns of :func:`localisation_comparisons`: the reference maps, then the two chance levels.
+LOCALISATION_CONTROLS = ("centre", "darkness", "edges", "random", "area", "placebo")
+CONTROL_NAMES_LONG = {"area": "area fraction (chance)", "placebo": "placebo site"}
+
+
+def localisation_comparisons(metrics: Dict[str, Any], region: str = "nucleus",
+                             placebo: Optional[str] = None, groups: Optional[Sequence] = None
+                             ) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Each method's localisation against every control: the table of the ground-truth benchmark.
+
+    For the scores "<region>_energy" and "<region>_pointing" of :func:`evaluate_methods`' result:
+    the paired differences with the reference maps (its "paired" comparisons: method minus
+    centre / darkness / edges / random), the difference with the region's area fraction per cell
+    ("area": a uniform map's energy, a random point's hit rate; :func:`chance_comparisons`) and,
+    with ``placebo`` (the name of an extra region passed to evaluate_methods), the difference with
+    the same map's score in that region ("placebo").
+
+    Args:
+        metrics: the result of :func:`evaluate_methods` (with masks or ``regions``).
+        region: the ground-truth region ("nucleus": mask == 2).
+        placebo: name of the placebo region, or None.
+        groups: cluster ids for the chance intervals (as given to evaluate_methods).
+    Returns:
+        {method: {score: {control: {"estimate", "low", "high", "n", "n_groups", "verdict"}}}}.
+    Raises:
+        XaiEvalError: when the region was not scored.
+    """
+    per_cell = metrics["per_cell"]
+    scores = [f"{region}_energy", f"{region}_pointing"]
+    if not any(scores[0] in v for v in per_cell.values()):
+        raise XaiEvalError(f"region: {region!r} was not scored; pass masks or regions to evaluate_methods")
+    n_boot, seed = metrics["settings"]["paired_n_boot"], metrics["settings"]["seed"]
+    areas = metrics["chance_per_cell"][region]
+    chance = {scores[0]: areas["area"], scores[1]: areas["pointing"]}
+    vs_area = chance_comparisons(per_cell, chance, groups, n_boot, seed)
+    vs_placebo = {} if placebo is None else chance_comparisons(
+        per_cell, {s: s.replace(region, placebo, 1) for s in scores}, groups, n_boot, seed)
+    comp = metrics["paired"]["comparisons"]
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for m in metrics["methods"]:
+        for s in scores:
+            row = {r: comp[m][r][s] for r in REFERENCE_TITLES if s in comp.get(m, {}).get(r, {})}
+            row["area"] = vs_area[m][s]
+            if placebo is not None:
+                row["placebo"] = vs_placebo[m][s]
+            out.setdefault(m, {})[s] = row
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Several methods on a set of cells
 # --------------------------------------------------------------------------------------------
@@ -1201,7 +1311,8 @@ def evaluate_methods(model: Any, images: np.ndarray, labels: np.ndarray,
                      masks: Optional[np.ndarray], explainers: Dict[str, ExplainFn],
                      predict: Any = None, settings: Optional[EvalSettings] = None,
                      extra_seconds: Optional[Dict[str, float]] = None,
-                     progress: Progress = None, groups: Optional[Sequence] = None) -> Dict[str, Any]:
+                     progress: Progress = None, groups: Optional[Sequence] = None,
+                     regions: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, Any]:
     """Every metric of this module for every explainer on a set of cells (the predicted class).
 
     Per cell and method: deletion and insertion AUC; ROAD MoRF and LeRF scores and their difference
@@ -1212,6 +1323,8 @@ def evaluate_methods(model: Any, images: np.ndarray, labels: np.ndarray,
     alike, the paired comparison of every method with every reference map and every other method
     (:func:`paired_comparisons`, intervals over the cluster images in ``groups`` when given), and
     the cascading randomisation check of each method on ``n_sanity`` class-balanced cells.
+    ``regions`` adds named (N, H, W) regions scored like the nucleus ("<name>_energy",
+    "<name>_pointing" per map and cell, with their chance levels), e.g. a placebo site.
 
     Args:
         model: the Keras model (randomised in place by the sanity check, then restored).
@@ -1225,10 +1338,15 @@ def evaluate_methods(model: Any, images: np.ndarray, labels: np.ndarray,
             calls, e.g. LIME's superpixels).
         progress: None, or ``progress(step, done, total)``.
         groups: optional (N,) cluster ids of the cells (e.g. their cluster image).
+        regions: optional {name: (N, H, W) masks, non-zero = inside}; names other than
+            "nucleus" and "cell".
 
     Returns:
-        JSON-ready dict: "n_cells", "accuracy_on_cells", "settings", "fractions", "road_fractions",
-        "chance", "methods", "reference", "paired", "sanity", "per_cell", "localisation_available".
+        JSON-ready dict: "n_cells", "accuracy_on_cells", "labels", "predicted" (per cell),
+        "settings", "fractions", "road_fractions",
+        "chance", "chance_per_cell" ({region: {"area", "pointing"}: (N,) area fractions, of the
+        mask dilated by the tolerance for pointing}), "methods", "reference", "paired", "sanity",
+        "per_cell", "localisation_available".
     """
     predict = model if predict is None else predict
     settings = settings or EvalSettings()
@@ -1238,12 +1356,14 @@ def evaluate_methods(model: Any, images: np.ndarray, labels: np.ndarray,
         raise XaiEvalError(f"explainers: {clash} are names of reference maps; rename the method")
     if groups is not None and len(groups) != len(x):
         raise XaiEvalError(f"groups: {len(groups)} ids for {len(x)} cells; give one per cell")
+    inside = _regions(masks, regions, x.shape[:3])
+    chance = _chance_per_cell(inside, settings.tolerance)
     pred = _predict(predict, x.astype(np.float32)).argmax(axis=1)
     maps, seconds = _timed_maps(model, x, pred, explainers, extra_seconds or {}, progress)
     refs = reference_maps(x.shape[:3], seed=settings.seed, images=x)
     every = {**maps, **refs}
     fractions, curves = _faithfulness(predict, x, every, pred, settings, progress)
-    scores, per_cell = _scores(every, curves, fractions, masks, settings.tolerance)
+    scores, per_cell = _scores(every, curves, fractions, inside, settings.tolerance)
     for name in every:
         scores[name]["seconds_per_cell"] = seconds.get(name)
     paired = paired_comparisons(per_cell, None if groups is None else list(groups),
@@ -1253,17 +1373,76 @@ def evaluate_methods(model: Any, images: np.ndarray, labels: np.ndarray,
         "n_cells": len(x),
         "accuracy_on_cells": float(np.mean(pred == np.asarray(labels))) if len(x) else None,
         "explained_class": "predicted",
+        "labels": [int(v) for v in np.asarray(labels).reshape(-1)],
+        "predicted": [int(v) for v in pred],
         "settings": {**settings.as_dict(), "sanity_cells": k},
         "fractions": fractions["deletion"].tolist(),
         "road_fractions": None if "road" not in fractions else fractions["road"].tolist(),
         "localisation_available": masks is not None,
-        "chance": {} if masks is None else _chance_levels(masks, settings.tolerance),
+        "chance": {f"{r}_{k if k == 'pointing' else 'area'}": mean_std(v)
+                   for r, c in chance.items() for k, v in c.items()},
+        "chance_per_cell": chance,
         "methods": {m: scores[m] for m in explainers},
         "reference": {r: scores[r] for r in refs},
         "paired": paired,
         "sanity": sanity,
         "per_cell": per_cell,
     }
+
+
+def pool_evaluations(parts: Sequence[Dict[str, Any]], keep: Optional[Sequence[bool]] = None,
+                     groups: Optional[Sequence] = None) -> Dict[str, Any]:
+    """Several :func:`evaluate_methods` results pooled cell by cell, optionally restricted to some cells.
+
+    For a K-fold cross-validation (each cell explained by the model that did not train on it) the
+    parts are the folds; ``keep`` then selects cells of the pooled set (e.g. one class, or the
+    misclassified cells). The per-cell scores and chance levels of the kept cells are concatenated
+    in part order, and everything computed from them is computed again from them: mean +/- std
+    per map, the chance levels, the accuracy, and the paired comparisons
+    (:func:`paired_comparisons`, intervals over ``groups`` of the kept cells when given). Not pooled:
+    the mean curves (kept only for the unrestricted pool, as the cell-weighted mean of the parts'
+    mean curves), the timings (cell-weighted mean) and the sanity check (the first part's).
+
+    Args:
+        parts: results of evaluate_methods with the same maps and settings.
+        keep: optional (N,) booleans over the pooled cells.
+        groups: optional (N,) cluster ids over the pooled cells.
+    Returns:
+        A dict of evaluate_methods' form.
+    Raises:
+        XaiEvalError: no parts, parts with other maps, or keep / groups of the wrong length.
+    """
+    if not parts or any(set(p["per_cell"]) != set(parts[0]["per_cell"]) for p in parts):
+        raise XaiEvalError("parts: give one or more evaluate_methods results of the same maps")
+    n = sum(p["n_cells"] for p in parts)
+    k = np.ones(n, bool) if keep is None else np.asarray(keep, bool).reshape(-1)
+    if k.size != n or (groups is not None and len(groups) != n):
+        raise XaiEvalError(f"keep/groups: need one value per pooled cell ({n})")
+    cat = lambda lists: [v for lst in lists for v in lst]                     # noqa: E731
+    pick = lambda values: [v for v, ok in zip(values, k) if ok]               # noqa: E731
+    per_cell = {m: {s: pick(cat(p["per_cell"][m][s] for p in parts)) for s in sc}
+                for m, sc in parts[0]["per_cell"].items()}
+    chance = {r: {c: pick(cat(p["chance_per_cell"][r][c] for p in parts)) for c in v}
+              for r, v in parts[0]["chance_per_cell"].items()}
+    labels, pred = pick(cat(p["labels"] for p in parts)), pick(cat(p["predicted"] for p in parts))
+    weights = np.array([p["n_cells"] for p in parts], dtype=np.float64) / max(n, 1)
+    first = parts[0]
+    out = {**first, "n_cells": len(labels), "labels": labels, "predicted": pred,
+           "accuracy_on_cells": float(np.mean(np.equal(labels, pred))) if labels else None,
+           "per_cell": per_cell, "chance_per_cell": chance,
+           "chance": {f"{r}_{c if c == 'pointing' else 'area'}": mean_std(v)
+                      for r, cv in chance.items() for c, v in cv.items()},
+           "paired": paired_comparisons(per_cell, None if groups is None else pick(groups),
+                                        n_boot=first["settings"]["paired_n_boot"],
+                                        seed=first["settings"]["seed"])}
+    for group in ("methods", "reference"):
+        out[group] = {m: {s: mean_std(per_cell[m][s]) for s in per_cell[m]} for m in first[group]}
+        for m, r in out[group].items():
+            secs = [p[group][m].get("seconds_per_cell") for p in parts]
+            r["seconds_per_cell"] = None if None in secs else float(np.dot(weights, secs))
+            for curve in (c for c in first[group][m] if c.startswith("mean_") and keep is None):
+                r[curve] = np.tensordot(weights, [p[group][m][curve] for p in parts], 1).tolist()
+    return out
 
 
 def _timed_maps(model: Any, x: np.ndarray, pred: np.ndarray, explainers: Dict[str, ExplainFn],
@@ -1304,17 +1483,29 @@ def _faithfulness(predict: Any, x: np.ndarray, every: Dict[str, np.ndarray], pre
     return fractions, curves
 
 
-def _chance_levels(masks: np.ndarray, tolerance: float) -> Dict[str, Any]:
-    """What a uniform map (energy) or a random point (pointing) scores: the mask area fractions."""
-    nucleus, cell = np.asarray(masks) == 2, np.asarray(masks) >= 1
-    return {"nucleus_area": mean_std([area_fraction(m) for m in nucleus]),
-            "cell_area": mean_std([area_fraction(m) for m in cell]),
-            "nucleus_pointing": mean_std([area_fraction(m, tolerance) for m in nucleus]),
-            "cell_pointing": mean_std([area_fraction(m, tolerance) for m in cell])}
+def _regions(masks: Optional[np.ndarray], regions: Optional[Dict[str, np.ndarray]],
+             shape: Tuple[int, ...]) -> Dict[str, np.ndarray]:
+    """{name: (N, H, W) bool}: "nucleus" (mask == 2) and "cell" (mask >= 1) with masks, then the
+    extra ``regions``."""
+    out = {} if masks is None else {"nucleus": np.asarray(masks) == 2, "cell": np.asarray(masks) >= 1}
+    for name, r in (regions or {}).items():
+        if name in ("nucleus", "cell") or np.shape(r) != tuple(shape):
+            raise XaiEvalError(f"regions: {name!r} must be a new name with shape {tuple(shape)}, "
+                               f"got {np.shape(r)}")
+        out[str(name)] = np.asarray(r).astype(bool)
+    return out
+
+
+def _chance_per_cell(inside: Dict[str, np.ndarray], tolerance: float) -> Dict[str, Dict[str, list]]:
+    """What a uniform map (energy) or a random point (pointing) scores on each cell: {region:
+    {"area": area fractions, "pointing": area fractions of the mask dilated by the tolerance}}."""
+    return {region: {"area": [area_fraction(r) for r in m],
+                     "pointing": [area_fraction(r, tolerance) for r in m]}
+            for region, m in inside.items()}
 
 
 def _scores(every: Dict[str, np.ndarray], curves: Dict[str, Dict[str, np.ndarray]],
-            fractions: Dict[str, np.ndarray], masks: Optional[np.ndarray], tolerance: float):
+            fractions: Dict[str, np.ndarray], inside: Dict[str, np.ndarray], tolerance: float):
     """Per method: mean +/- std of every score and the mean curves; and the per-cell values."""
     results: Dict[str, Dict[str, Any]] = {}
     per_cell: Dict[str, Dict[str, List[Optional[float]]]] = {}
@@ -1326,13 +1517,10 @@ def _scores(every: Dict[str, np.ndarray], curves: Dict[str, Dict[str, np.ndarray
             values["road_morf_auc"] = road_auc(fractions["road"], curves[name]["road_morf"])
             values["road_lerf_auc"] = road_auc(fractions["road"], curves[name]["road_lerf"])
             values["road_lerf_minus_morf"] = values["road_lerf_auc"] - values["road_morf_auc"]
-        if masks is not None:
-            for region, inside in (("nucleus", np.asarray(masks) == 2),
-                                   ("cell", np.asarray(masks) >= 1)):
-                values[f"{region}_energy"] = np.array(
-                    [energy_share(a[i], inside[i]) for i in range(len(a))])
-                values[f"{region}_pointing"] = np.array(
-                    [pointing_hit(a[i], inside[i], tolerance) for i in range(len(a))])
+        for region, m in inside.items():
+            values[f"{region}_energy"] = np.array([energy_share(a[i], m[i]) for i in range(len(a))])
+            values[f"{region}_pointing"] = np.array(
+                [pointing_hit(a[i], m[i], tolerance) for i in range(len(a))])
         results[name] = {k: mean_std(v) for k, v in values.items()}
         results[name]["mean_deletion_curve"] = curves[name]["deletion"].mean(axis=0).tolist()
         results[name]["mean_insertion_curve"] = curves[name]["insertion"].mean(axis=0).tolist()
@@ -1613,6 +1801,41 @@ def _sanity_table(metrics: Dict[str, Any], names: Dict[str, str]) -> List[str]:
         lines.append(f"| {names.get(name, name)} | {seq} | {_num(san['final_similarity'])} | "
                      f"{verdict} |")
     return lines
+
+
+def format_localisation_md(table: Dict[str, Dict[str, Dict[str, Any]]],
+                           titles: Optional[Dict[str, str]] = None,
+                           score_titles: Optional[Dict[str, str]] = None) -> str:
+    """The Markdown table of :func:`localisation_comparisons` and a sentence per score naming the
+    methods that beat every control (or saying that none does).
+
+    Args:
+        table: its result.
+        titles: display names of the methods.
+        score_titles: display names of the scores (e.g. {"nucleus_energy": "cue energy share"}).
+    Returns:
+        Markdown text: one row per score and method, "+0.120 [+0.050, +0.190] beats" per control.
+    """
+    names = {**CONTROL_NAMES, **CONTROL_NAMES_LONG}
+    titles, score_titles = titles or {}, score_titles or {}
+    controls = [c for c in LOCALISATION_CONTROLS
+                if any(c in row for scores in table.values() for row in scores.values())]
+    scores = list(dict.fromkeys(s for v in table.values() for s in v))
+    lines = ["| score | method | " + " | ".join(f"vs {names[c]}" for c in controls) + " |",
+             "|---|---|" + "---|" * len(controls)]
+    summary = []
+    for score in scores:
+        label = score_titles.get(score, score.replace("_", " "))
+        winners = []
+        for m, v in table.items():
+            row = v.get(score, {})
+            cells = [f"{_diff(row[c])} {row[c]['verdict']}" if c in row else "n/a" for c in controls]
+            lines.append(f"| {label} ↑ | {titles.get(m, m)} | " + " | ".join(cells) + " |")
+            if row and all(row.get(c, {}).get("verdict") == "beats" for c in controls):
+                winners.append(titles.get(m, m))
+        summary.append(f"{label}: " + (", ".join(winners) + " beat" + ("s" if len(winners) == 1 else "")
+                                       + " every control" if winners else "no method beats every control"))
+    return "\n".join(lines + ["", "**Verdict.** " + "; ".join(summary) + "."]) + "\n"
 
 
 def plot_curves(metrics: Dict[str, Any], titles: Optional[Dict[str, str]] = None):
