@@ -924,6 +924,7 @@ def _write_report(out: Path, split: str, records: List[dict], groups: List[dict]
     md += ["## Library versions", ""] + _version_lines(records) + [""]
     md += _comparison_section(groups, published, out)
     md += _confusion_section(groups, out)
+    md += _explanations_section(records, split)
     files.write_json(out / "report.json", _report_json(split, records, groups, created))
     files.write_text(out / "report.md", "\n".join(md))
 
@@ -1098,3 +1099,39 @@ def _report_json(split: str, records: List[dict], groups: List[dict], created: s
                       "runs": [str(r["run"]) for r in g["runs"]]}
                    for g in groups],
     }
+
+
+def _explanations_section(records: List[dict], split: str) -> List[str]:
+    """Per run with ``explain --evaluate`` output: each method's nucleus energy share against the
+    model-free control maps, paired per cell (cervical.xai_eval), and the verdict those support."""
+    from cervical import xai_eval
+
+    lines: List[str] = []
+    for r in records:
+        f = Path(r["run"]) / "explain" / split / "xai_metrics.json"
+        try:
+            metrics = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            metrics = None
+        if not metrics or not metrics.get("paired") or not metrics.get("localisation_available"):
+            continue
+        comp = metrics["paired"]["comparisons"]
+        refs = [c for c in ("centre", "darkness", "random") if c in metrics.get("reference", {})]
+        rows = []
+        for m, res in metrics["methods"].items():
+            cells = [xai_eval._diff(comp.get(m, {}).get(c, {}).get("nucleus_energy"))
+                     + " " + comp.get(m, {}).get(c, {}).get("nucleus_energy", {}).get("verdict", "")
+                     for c in refs]
+            rows.append([m, _fmt((res.get("nucleus_energy") or {}).get("mean"), 3)] + cells)
+        lines += [f"### {Path(r['run']).name} ({metrics['n_cells']} {split} cells)", "",
+                  _md_table(["method", "nucleus energy"]
+                            + [f"vs {xai_eval.CONTROL_NAMES[c]}" for c in refs], rows), "",
+                  "**Verdict.** " + " ".join(xai_eval.verdict_sentences(metrics)), ""]
+    if not lines:
+        return []
+    return ["## Explanations against model-free controls", "",
+            "Per cell, method minus control map, mean with a 95 % cluster-bootstrap interval "
+            "(`explain --evaluate`; full tables in each run's explain folder). A map beating "
+            "chance is not enough: on centred cells a centred Gaussian finds the nucleus "
+            "without any model (docs/xai.md).", ""] + lines
+

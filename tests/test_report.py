@@ -391,3 +391,29 @@ def test_table_6_1_from_the_runs_configs(tiny_run, tmp_path):
                                                          "last", "moving averages")
     assert "Hyper-parameters (cf. thesis Table 6.1)" in text
     assert "Fine-tuning and cost-sensitive learning" in text          # the thesis's own row
+
+
+def test_report_explanations_section_prints_paired_verdicts(tmp_path):
+    """A run whose explain folder holds xai_metrics.json with paired comparisons gets a row per
+    method (nucleus energy, then method - control per control with its verdict) and the verdict
+    paragraph; a run without one adds nothing."""
+    run = tmp_path / "runA"
+    (run / "explain" / "test").mkdir(parents=True)
+    ci = lambda e, lo, hi, v: {"estimate": e, "low": lo, "high": hi, "n": 10, "n_groups": 10,
+                               "verdict": v}
+    metrics = {
+        "n_cells": 10, "localisation_available": True,
+        "methods": {"gradcam": {"nucleus_energy": {"mean": 0.25}}},
+        "reference": {"centre": {}, "darkness": {}, "random": {}},
+        "paired": {"comparisons": {"gradcam": {
+            "centre": {"nucleus_energy": ci(-0.1, -0.2, -0.05, "loses")},
+            "darkness": {"nucleus_energy": ci(0.0, -0.1, 0.1, "ties")},
+            "random": {"nucleus_energy": ci(0.05, 0.01, 0.09, "beats")}}}},
+    }
+    (run / "explain" / "test" / "xai_metrics.json").write_text(json.dumps(metrics))
+    lines = R._explanations_section([{"run": run}, {"run": tmp_path / "runB"}], "test")
+    text = "\n".join(lines)
+    assert "| gradcam | 0.250 | -0.100 [-0.200, -0.050] loses | +0.000 [-0.100, +0.100] ties | " \
+           "+0.050 [+0.010, +0.090] beats |" in text
+    assert "no method beats the centred Gaussian" in text and "runB" not in text
+    assert R._explanations_section([{"run": tmp_path / "runB"}], "test") == []
