@@ -642,7 +642,7 @@ def forest_rows(result: dict) -> List[Tuple[str, Optional[dict]]]:
     """(label, estimate dict) of every effect, in the order of the forest plot."""
     rows: List[Tuple[str, Optional[dict]]] = [
         ("leak (randomised, class-adjusted)", result["leak"]),
-        ("negative control (no cluster conditions)", result["negative_control"]),
+        ("negative control (nothing shared within cluster images)", result["negative_control"]),
         ("study protocol: shared - unshared (class-adjusted)",
          result["study_shared_vs_unshared"])]
     effects = result.get("effects") or {}
@@ -669,7 +669,8 @@ def format_audit(result: dict) -> str:
     lines += _controls_lines(result)
     lines += ["## Effects", "", "| effect | estimate [95 % interval] | reading |", "|---|---|---|"]
     lines += [f"| {label} | {_ival(s)} | {_reading(s)} |" for label, s in forest_rows(result)]
-    lines += ["", "The leak estimate compares test cells of randomly chosen leaked and held-out "
+    lines += ["", "![Every effect with its 95 % interval on one axis](audit.png)", "",
+              "The leak estimate compares test cells of randomly chosen leaked and held-out "
               "cluster images inside the same runs (Mantel-Haenszel over classes). The protocol "
               "effects are differences of class-balanced accuracy (mean per-class recall) between "
               "arms that differ in the named factor only. 'shared - unshared' inside the study's "
