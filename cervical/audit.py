@@ -59,7 +59,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cervical import data, files, metrics
+from cervical import data, files, metrics, protocol
 
 __all__ = ["AuditError", "AuditConfig", "Arm", "ARMS", "QUICK", "run_audit", "leak_stats",
            "format_audit", "plan_arms", "departures", "THESIS_SPLIT_CSV"]
@@ -118,6 +118,9 @@ ARMS: Dict[str, Arm] = {a.name: a for a in (
        Arm("negative", "randomised leak on the negative-control data", "leak", negative=True)])}
 
 ONE_AT_A_TIME = ("ours", "study-split", "study-prep", "study-procedure", "study")
+
+#: An arm's "study" / "ours" factor levels are the two protocols of cervical.protocol.
+PROTOCOL_OF = {"study": protocol.STUDY, "ours": protocol.OURS}
 
 
 @dataclasses.dataclass
@@ -355,7 +358,7 @@ def _has_study_names(records) -> bool:
 def _prepare(cfg: AuditConfig, raw: Path, arm: Arm, k: int, study_split: str, out: Path,
              say) -> Path:
     """The prepared dataset of one (arm, seed or fold); shared by arms that prepare alike."""
-    variant = "thesis" if arm.preparation == "study" else "standard"
+    variant = PROTOCOL_OF[arm.preparation].variant
     if arm.split == "leak":            # the study's procedure validates on a cell-level split
         val = "cells" if arm.procedure == "study" else "grouped"
         swap = k >= cfg.folds                       # the crossover: the other half leaks
@@ -399,11 +402,8 @@ def _train_one(cfg: AuditConfig, prepared: Path, arm: Arm, k: int, run: Path, re
 
     if (run / "summary.json").is_file() and (run / "model.keras").is_file():
         return run
-    variant = "thesis" if arm.procedure == "study" else "standard"
-    options = train.protocol_options(variant, cfg.model, regime)
-    if regime == "cost-sensitive":
-        names = data.read_info(prepared)["class_names"]
-        options["class_weights"] = "thesis" if variant == "thesis" and len(names) == 5 else "train"
+    variant = PROTOCOL_OF[arm.procedure].variant
+    options = PROTOCOL_OF[arm.procedure].train_options(cfg.model, regime)
     say(f"train {run.name} ({cfg.model}, {regime}, {arm.title})")
     train.train(train.TrainConfig(
         data=str(prepared), out=str(run), model=cfg.model, regime=regime, variant=variant,

@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cervical import files
+from cervical import files, protocol
 
 SPLITS = ("train", "val", "test")
 #: The study's exact split membership (docs/study.md §1): data/splits/thesis_split.csv in the
@@ -1299,16 +1299,11 @@ class ManifestRow:
     mask: Optional[np.ndarray]
 
 
-#: How each prepare option is set by default (ours) and by the study's code (variant "thesis";
-#: docs/study.md §1-2). "manifest:thesis" applies when the raw files carry SIPaKMeD's names
-#: (SIPaKMeD itself, or the synthetic set made with them); other data get the study's rule.
-PREPARE_VARIANTS = {
-    "standard": {"resize": "pad", "interpolation": "area", "split": "grouped",
-                 "augment_at": "target", "fill": "border", "jpeg_quality": 0,
-                 "augment_order": "rgb"},
-    "thesis": {"resize": "stretch", "interpolation": "nearest", "split": "manifest:thesis",
-               "augment_at": "raw", "fill": "black", "jpeg_quality": 95, "augment_order": "bgr"},
-}
+#: How each prepare option is set by default (ours) and by the study's code (variant "thesis"):
+#: the preparation half of cervical.protocol's two protocols. "manifest:thesis" applies when the
+#: raw files carry SIPaKMeD's names (SIPaKMeD itself, or the synthetic set made with them); other
+#: data get the study's rule.
+PREPARE_VARIANTS = {name: p.prepare_options() for name, p in protocol.PROTOCOLS.items()}
 
 
 def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,

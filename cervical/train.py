@@ -54,7 +54,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from cervical import data as cdata
-from cervical import files, fitting, losses, models
+from cervical import files, fitting, losses, models, protocol
 from cervical.fitting import TrainError
 
 __all__ = ["TrainError", "TrainConfig", "REGIMES", "CONTRASTIVE_LOSS_NAMES", "STRATEGIES",
@@ -73,11 +73,11 @@ AUGMENTATIONS = ("none", "light", "study")
 #: training logs): VGG19 fine-tuning and ResNet50 cost-sensitive training ran all 50 epochs with
 #: no early stopping (the LR schedule stayed). The thesis variant repeats that unless --patience
 #: is given.
-THESIS_NO_EARLY_STOPPING = {("vgg19", "finetune"), ("resnet50", "cost-sensitive")}
+THESIS_NO_EARLY_STOPPING = protocol.STUDY.no_early_stopping
 TRIPLET_MINING = losses.TRIPLET_MINING
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
 CONTRASTIVE_COLUMNS = ("epoch", "loss")
-PRECISE_BN_IMAGES = 1024     # training images behind each BatchNorm re-estimate (PreciseBatchNorm)
+PRECISE_BN_IMAGES = protocol.OURS.precise_bn   # images behind each BatchNorm re-estimate
 
 # Fields that define a run: a resumed run must agree with the saved config on all of them.
 # (The learning rates may change on --resume: after a NaN loss, resuming with a saner --lr is the
@@ -189,14 +189,10 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------------
 
 def default_weights(model: str, regime: str, variant: str) -> str:
-    """The weights a run uses when none are given.
-
-    "none" for tiny and for the thesis variant of the contrastive and baseline regimes (the study
-    trained those encoders from scratch, docs/study.md §4); "imagenet" otherwise.
-    """
-    if model == "tiny" or (variant == "thesis" and regime in ("contrastive", "baseline")):
-        return "none"
-    return "imagenet"
+    """The weights a run uses when none are given (cervical.protocol): "none" for tiny and for the
+    thesis variant of the contrastive and baseline regimes (the study trained those encoders from
+    scratch, docs/study.md §4); "imagenet" otherwise."""
+    return protocol.PROTOCOLS[variant].default_weights(model, regime)
 
 
 def _check_number(name: str, value, low: float, integer: bool = False, allow_low: bool = True):
@@ -958,26 +954,15 @@ def _class_weight_default(variant: str, class_names: Sequence[str]) -> str:
     """--class-weights when none is given: the study's constants (its test-label weights) under
     the thesis variant on SIPaKMeD's five classes, as its code did; the train labels' otherwise
     (other class sets have no study constants)."""
-    if variant == "thesis" and tuple(class_names) == cdata.SIPAKMED_CLASSES:
-        return "thesis"
-    return "train"
+    study_classes = tuple(class_names) == cdata.SIPAKMED_CLASSES
+    return protocol.PROTOCOLS[variant].class_weights_default(study_classes)
 
 
-def protocol_options(protocol: str, model: str, regime: str) -> dict:
+def protocol_options(protocol_name: str, model: str, regime: str) -> dict:
     """The training procedure of a protocol, as TrainConfig fields: "standard" (ours) or "thesis"
-    (what the study's code did, docs/study.md §3-4). Used for the defaults of ``variant`` and by
-    ``audit``, which trains the same model under both procedures."""
-    thesis = protocol == "thesis"
-    on_encoder = regime in ("contrastive", "baseline")
-    options = {"monitor": "loss" if thesis and on_encoder else "val_loss",
-               "keep": "last" if thesis else "best",
-               "patience": 0 if thesis and (model, regime) in THESIS_NO_EARLY_STOPPING else 3,
-               "online_augment": "study" if thesis and on_encoder else "none",
-               "contrastive_views": 1 if thesis else 2,
-               "precise_bn": 0 if thesis else PRECISE_BN_IMAGES}
-    if regime == "contrastive":
-        options["loss"] = "npairs" if thesis else "supcon"
-    return options
+    (what the study's code did, docs/study.md §3-4); cervical.protocol holds every choice. Used
+    for the defaults of ``variant`` and by ``audit``."""
+    return protocol.PROTOCOLS[protocol_name].train_options(model, regime)
 
 
 def _protocol_defaults(cfg: TrainConfig) -> None:
