@@ -30,45 +30,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_in(low: int, limit: str = ""):
-    """argparse type: an integer >= low (and <= cervical.LIMITS[limit]), checked before any work."""
-    from cervical import LIMITS
+    """argparse type: an integer >= low (and <= cervical.LIMITS[limit]) (cervical.options)."""
+    from cervical.options import int_in
 
-    high = LIMITS.get(limit)
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            bound = f">= {low}" + (f" and <= {high}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
+    return int_in(low, limit)
 
 
 def _float_in(low: float, limit: str = "", low_open: bool = False, high: float = None):
     """argparse type: a finite number above low (strictly with low_open) and below its limit."""
-    import math
+    from cervical.options import float_in
 
-    from cervical import LIMITS
-
-    top = LIMITS.get(limit, high)
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        bad_low = value <= low if low_open else value < low
-        if not math.isfinite(value) or bad_low or (top is not None and value > top):
-            raise argparse.ArgumentTypeError(
-                f"must be a finite number {'>' if low_open else '>='} {low}"
-                + (f" and <= {top}" if top is not None else "") + f", got {text}")
-        return value
-    parse.__name__ = "number"
-    return parse
+    return float_in(low, limit, low_open, high)
 
 
 def _progress(step: str, done: int, total: int) -> None:
@@ -183,102 +155,14 @@ def run_prepare(args) -> int:
 
 # Literal choices keep `--help` free of TensorFlow; tests check them against the library
 # (models.MODEL_NAMES, train.REGIMES). train and audit share them.
-MODEL_CHOICES = ("tiny", "vgg16", "vgg19", "resnet50", "mobilenetv2", "densenet169")
-REGIME_CHOICES = ("finetune", "cost-sensitive", "contrastive", "baseline")
+from cervical.options import MODEL_CHOICES, REGIME_CHOICES   # noqa: E402  (TensorFlow-free)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="prepared dataset folder (cli.py prepare)")
-    p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--model", choices=MODEL_CHOICES, default=None,
-                   help="backbone, or tiny (a small CPU CNN); required unless --init names a run")
-    p.add_argument("--regime", choices=REGIME_CHOICES, default="finetune",
-                   help="finetune | cost-sensitive (class weights / cost matrix) | contrastive "
-                        "(two phases) | baseline (the contrastive classifier end to end) "
-                        "(default: %(default)s)")
-    p.add_argument("--variant", choices=["standard", "thesis"], default="standard",
-                   help="thesis: the study's tap layers, raw 0-255 input; standard: full backbone "
-                        "with its own preprocess_input (default: %(default)s)")
-    p.add_argument("--weights", default=None,
-                   help="imagenet | none | PATH to the backbone's no-top .h5 (default: imagenet; "
-                        "none for tiny and the thesis contrastive/baseline encoders)")
-    p.add_argument("--freeze", choices=["auto", "study", "none"], default="auto",
-                   help="freeze the study's first 13/17/86/100/249 backbone layers; auto: only "
-                        "with pretrained weights (default: %(default)s)")
-    p.add_argument("--epochs", type=_int_in(1, "epochs"), default=50,
-                   help="maximum classifier epochs (default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_in(1, "batch_size"), default=32,
-                   help="images per device per step (default: %(default)s)")
-    p.add_argument("--lr", type=_float_in(0.0, "lr", low_open=True), default=None,
-                   help="Adam learning rate (default: 1e-3 finetune/cost-sensitive, 1e-4 "
-                        "contrastive/baseline)")
-    p.add_argument("--patience", type=_int_in(0, "patience"), default=None,
-                   help="early-stopping patience on --monitor, 0 = off (default: 3; 0 for the two "
-                        "study runs without early stopping under --variant thesis)")
-    p.add_argument("--lr-patience", type=_int_in(0, "patience"), default=2,
-                   help="epochs without improvement before the LR is reduced, 0 = off "
-                        "(default: %(default)s)")
-    p.add_argument("--lr-factor", type=_float_in(0.0, low_open=True, high=0.999), default=0.2, help="LR reduction factor "
-                   "(default: %(default)s)")
-    p.add_argument("--min-lr", type=_float_in(0.0, "lr"), default=1e-5, help="LR floor (default: %(default)s)")
-    p.add_argument("--monitor", choices=["val_loss", "val_accuracy", "loss"], default=None,
-                   help="quantity for early stopping, LR schedule and best-epoch selection "
-                        "(default: val_loss; the training loss under --variant thesis for the "
-                        "contrastive and baseline regimes, as the study)")
-    p.add_argument("--keep", choices=["best", "last"], default=None,
-                   help="weights saved at the end: the best epoch on --monitor or the last one "
-                        "(default: best; last under --variant thesis, as the study)")
-    p.add_argument("--class-weights", default=None, metavar="train|thesis|none|FILE.json",
-                   help="cost-sensitive: train-label balanced weights (default), the study's "
-                        "constants, none, or a JSON {class: weight}")
-    p.add_argument("--cost-matrix", default=None, metavar="FILE",
-                   help="cost-sensitive: KxK costs (JSON or CSV; rows true, columns predicted): "
-                        "train on the expected cost")
-    p.add_argument("--init", default=None, metavar="RUN",
-                   help="start from RUN/model.keras (e.g. cost-sensitive after finetune, as the "
-                        "study did)")
-    p.add_argument("--loss", choices=["npairs", "supcon", "triplet"], default=None,
-                   help="contrastive loss (default: supcon; npairs, the study's, under "
-                        "--variant thesis)")
-    p.add_argument("--temperature", type=_float_in(0.0, "temperature", low_open=True), default=0.05,
-                   help="contrastive temperature (default: %(default)s)")
-    p.add_argument("--margin", type=_float_in(0.0, "margin"), default=0.2, help="triplet margin (default: %(default)s)")
-    p.add_argument("--mining", choices=["semi_hard", "batch_hard", "batch_all"],
-                   default="semi_hard", help="triplet mining (default: %(default)s)")
-    p.add_argument("--contrastive-epochs", type=_int_in(1, "epochs"), default=50,
-                   help="phase-1 epochs (default: %(default)s)")
-    p.add_argument("--contrastive-lr", type=_float_in(0.0, "lr", low_open=True), default=1e-4,
-                   help="phase-1 learning rate (default: %(default)s)")
-    p.add_argument("--projection-dim", type=_int_in(1, "projection_dim"), default=128,
-                   help="projection head width (default: %(default)s)")
-    p.add_argument("--online-augment", nargs="?", const="light", default=None,
-                   choices=["none", "light", "study"],
-                   help="augmentation of every training batch: light (flips, transposes, crops, "
-                        "brightness/contrast; the flag alone), study (the study's in-model flip, "
-                        "rotation 0.02, width/height 0.2) or none (default: none; study for the "
-                        "thesis variant of the contrastive and baseline regimes)")
-    p.add_argument("--contrastive-views", type=int, choices=[1, 2], default=None,
-                   help="augmented views per image in contrastive phase 1 (default: 2; 1 under "
-                        "--variant thesis, as the study)")
-    p.add_argument("--precise-bn", type=_int_in(0, "precise_bn"), default=None, metavar="N",
-                   help="re-estimate BatchNorm statistics on N training images before every "
-                        "validation, 0 = Keras' moving averages (default: 1024; 0 with "
-                        "--variant thesis, as the study)")
-    p.add_argument("--seed", type=_int_in(0, "seed"), default=42, help="run seed (default: %(default)s)")
-    p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
-                   help="allow non-deterministic TensorFlow ops (faster on some GPUs)")
-    p.add_argument("--strategy", choices=["auto", "default", "mirrored", "multiworker"],
-                   default="auto",
-                   help="tf.distribute: mirrored = all local GPUs, multiworker = the workers in "
-                        "TF_CONFIG (run the same command on each; only the chief writes --out); "
-                        "auto = mirrored with 2+ GPUs (default: %(default)s)")
-    p.add_argument("--mixed-precision", action="store_true",
-                   help="float16 compute on GPUs (bfloat16 on CPU), float32 variables")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the interrupted run in --out from its last completed epoch")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to "
-                   "OUT/tensorboard")
+    """One flag per field of cervical.options.TrainConfig (declared there once), and --quiet."""
+    from cervical import options
+
+    options.add_arguments(p, options.TrainConfig)
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress output")
 
 

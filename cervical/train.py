@@ -54,7 +54,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from cervical import data as cdata
-from cervical import files, fitting, losses, models, protocol
+from cervical import files, fitting, losses, models, options, protocol
 from cervical.fitting import TrainError
 
 __all__ = ["TrainError", "TrainConfig", "REGIMES", "CONTRASTIVE_LOSS_NAMES", "STRATEGIES",
@@ -90,98 +90,9 @@ _RUN_FIELDS = ("data", "model", "regime", "variant", "weights", "freeze", "epoch
                "mixed_precision")
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Every argument of a training run (saved to RUN/config.json).
-
-    Args:
-        data: prepared dataset folder (``cli.py prepare``).
-        out: run folder to write.
-        model: one of models.MODEL_NAMES; None with ``init`` takes the init run's model.
-        regime: one of REGIMES.
-        variant: "standard" or "thesis" (models module docstring).
-        weights: "imagenet", "none" or a weights file; None = ``default_weights(...)``.
-        freeze: "auto" (the study's freeze points when the weights are pretrained), "study", "none".
-        epochs: maximum classifier epochs (phase 2 in the contrastive regime).
-        batch_size: images per replica per step (global batch = batch_size x replicas).
-        lr: classifier learning rate; None = 1e-3 (finetune, cost-sensitive) or 1e-4 (contrastive,
-            baseline), the study's values.
-        patience: early stopping patience on ``monitor`` (0 disables); None = 3, or 0 for the two
-            study runs that ran without early stopping (``THESIS_NO_EARLY_STOPPING``, thesis
-            variant only).
-        lr_patience, lr_factor, min_lr: LR-on-plateau schedule on ``monitor`` (lr_patience 0 disables).
-        monitor: quantity for early stopping, LR schedule and best-epoch selection: "val_loss",
-            "val_accuracy" or the training "loss"; None = "val_loss", or "loss" for the thesis
-            variant of the contrastive and baseline regimes (the study never used validation there).
-        keep: "best" restores the best epoch on ``monitor``; "last" keeps the final epoch (the
-            study's notebooks); None = "best", or "last" for the thesis variant.
-        class_weights: cost-sensitive only: "train", "thesis", "none" or a JSON file
-            {class id or name: weight}; None = "thesis" under the thesis variant on SIPaKMeD's
-            five classes (the study's test-label constants), else "train".
-        cost_matrix: cost-sensitive only: a (K, K) JSON or CSV file (rows true, columns predicted).
-        init: a run folder whose model.keras initialises the classifier (finetune, cost-sensitive).
-        loss: contrastive loss (default "supcon"; "npairs", the study's, with --variant thesis).
-        temperature: contrastive temperature (npairs, supcon).
-        margin, mining: triplet loss settings.
-        contrastive_epochs, contrastive_lr: phase-1 epochs and learning rate (study: 50, 1e-4).
-        projection_dim: projection head width (study: 128).
-        online_augment: augmentation of every training batch: "none", "light" (ours: flips,
-            transposes, crops, brightness/contrast; True means this) or "study" (the study's
-            in-model block, ``study_augment``); None = "study" for the thesis variant of the
-            contrastive and baseline regimes, else "none".
-        contrastive_views: augmented views per image in contrastive phase 1: 2 (Khosla et al.)
-            or 1 (the study: one pass of each image through its augmentation); None = 2, or 1
-            for the thesis variant.
-        precise_bn: training images over which BatchNorm statistics are re-estimated with the
-            current weights before every validation (``PreciseBatchNorm``); 0 keeps Keras' moving
-            averages (the study's behaviour). None = 1024, or 0 with ``variant="thesis"``.
-        seed: seed of initial weights, epoch order and augmentation.
-        deterministic: switch on TensorFlow's deterministic ops for the run.
-        strategy: one of STRATEGIES (tf.distribute).
-        mixed_precision: float16 (GPU) or bfloat16 (CPU) compute with float32 variables.
-        resume: continue the interrupted run in ``out`` from its last completed epoch.
-        overwrite: replace a non-empty ``out`` (otherwise refused).
-        tensorboard: write TensorBoard logs to RUN/tensorboard.
-        verbose: 0 silent, 1 Keras progress bar, 2 one line per epoch.
-    """
-
-    data: str
-    out: str
-    model: Optional[str] = None
-    regime: str = "finetune"
-    variant: str = "standard"
-    weights: Optional[str] = None
-    freeze: str = "auto"
-    epochs: int = 50
-    batch_size: int = 32
-    lr: Optional[float] = None
-    patience: Optional[int] = None
-    lr_patience: int = 2
-    lr_factor: float = 0.2
-    min_lr: float = 1e-5
-    monitor: Optional[str] = None
-    keep: Optional[str] = None
-    class_weights: Optional[str] = None
-    cost_matrix: Optional[str] = None
-    init: Optional[str] = None
-    loss: Optional[str] = None
-    temperature: float = 0.05
-    margin: float = 0.2
-    mining: str = "semi_hard"
-    contrastive_epochs: int = 50
-    contrastive_lr: float = 1e-4
-    projection_dim: int = 128
-    online_augment: Union[bool, str, None] = None
-    contrastive_views: Optional[int] = None
-    precise_bn: Optional[int] = None
-    seed: int = 42
-    deterministic: bool = True
-    strategy: str = "auto"
-    mixed_precision: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    tensorboard: bool = False
-    verbose: int = 0
+#: Every argument of a training run, declared once with its flag, help, choices and range
+#: (cervical.options): ``cli.py train`` is built from it and config.json is its ``asdict``.
+TrainConfig = options.TrainConfig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,6 +123,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     c = dataclasses.replace(cfg)
     _check_choices(c)
     _check_numbers(c)
+    options.check(c, TrainError)          # every declared choice and range, new fields included
     _regime_defaults(c)
     _resolve_paths(c)
     return c
