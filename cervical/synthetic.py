@@ -1036,24 +1036,13 @@ def generate(out_dir: os.PathLike, per_class: Union[int, Mapping[str, int]] = 60
         summary["n_clusters"] = sum(summary["clusters"].values())
         info = {k: v for k, v in summary.items() if k != "out_dir"}
         (stage / "synthetic.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        _commit(stage, out)
+        from cervical import files
+
+        files.swap_in(stage, out)          # the one rename-into-place of a finished folder
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return summary
-
-
-def _commit(stage: Path, out: Path) -> None:
-    """Move the finished staging folder to ``out`` (an old ``out`` is removed only now)."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / "old")
-        os.replace(stage, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(stage, out)
 
 
 # ------------------------------------------------------------------------------------------------
