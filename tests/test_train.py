@@ -567,12 +567,13 @@ def test_tiny_learns_the_synthetic_default(tmp_path_factory):
     Threshold from a distribution, not one run: seeds 0-4 on two numeric paths (oneDNN kernels on
     and off), tested versions, ``python benchmarks/seed_spread.py tiny``: kept validation accuracy
     min 0.906, median 0.948, max 0.979 (10 runs; 96 validation cells, one cell ~1 point).
-    Asserted >= 0.85: the minimum minus a margin of 5.6 points (5 cells). Before PreciseBN the
-    same test measured 0.885 on another machine against 0.948 here."""
+    Asserted >= 0.85: the minimum minus a margin of 5.6 points (5 cells). Trained with seed 0,
+    one of the measured seeds (the data keep prepare's default seed 42, as in the benchmark).
+    Before PreciseBN the same test measured 0.885 on another machine against 0.948 here."""
     root = tmp_path_factory.mktemp("synthetic_default")
     data.prepare(dataset="synthetic", out=root / "prepared", save_images=False)
     summary = train.train(train.TrainConfig(data=str(root / "prepared"), out=str(root / "run"),
-                                            model="tiny", epochs=12))
+                                            model="tiny", epochs=12, seed=0))
     assert summary["val_accuracy"] >= 0.85, summary
 
 
