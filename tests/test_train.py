@@ -307,6 +307,7 @@ class _Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt("simulated crash")
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_history(tiny_prepared, tmp_path):
     """Baseline regime (dropout + online augmentation): crash after epoch 2 of 4, resume."""
     kw = dict(regime="baseline", epochs=4, online_augment=True, patience=0, lr_patience=1)
@@ -345,6 +346,7 @@ def test_contrastive_resume_across_phases(tiny_prepared, tmp_path):
         assert _history(run, name) == _history(tmp_path / "ref", name), name
 
 
+@pytest.mark.slow
 def test_cost_sensitive_writes_train_label_weights_and_init(tmp_path, finetune_run):
     names = ["small_nucleus", "big_nucleus", "two_nuclei"]          # tiny_prepared's classes
     prepared = _prepared(tmp_path, "imbalanced", n_train=(20, 10, 6), classes=names)
@@ -370,6 +372,7 @@ def test_cost_sensitive_writes_train_label_weights_and_init(tmp_path, finetune_r
         train.train(_config(other, tmp_path / "bad2", regime="cost-sensitive", init=str(ft)))
 
 
+@pytest.mark.slow
 def test_init_refuses_a_run_trained_on_another_split(tmp_path):
     """--init must not continue a run whose training cells may be this dataset's test cells."""
     import csv
