@@ -38,6 +38,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert method in printed
         assert result["cam"][method]["nucleus_energy"] == pytest.approx(
             xai["methods"][method]["nucleus_energy"]["mean"])
+        # each control comparison printed is the paired interval explain wrote, verdict included
+        for ref in ("centre", "darkness", "random"):
+            c = xai["paired"]["comparisons"][method][ref]["nucleus_energy"]
+            assert result["cam"][method]["nucleus_energy_vs"][ref] == c
+            assert (f"{c['verdict']} ({100 * c['estimate']:+.1f} [{100 * c['low']:+.1f}, "
+                    f"{100 * c['high']:+.1f}] points)") in printed
+    # the closing verdict is the one the paired intervals support, not a sentence of the demo's
+    from cervical import explain, xai_eval
+
+    sentences = xai_eval.verdict_sentences(xai, explain.TITLES)
+    assert result["xai_verdict"] == sentences[:2] + sentences[-1:]
+    assert "verdict: " + " ".join(result["xai_verdict"]) in printed
     assert result["chance_accuracy"] == pytest.approx(1 / 5)
     assert f"report: {result['report']}" in printed
 

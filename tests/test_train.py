@@ -363,6 +363,18 @@ def test_cost_sensitive_writes_train_label_weights_and_init(tmp_path, finetune_r
                         model=None))
     cfg = json.loads((cont / "config.json").read_text())
     assert cfg["init"] == str(ft) and cfg["model"] == "tiny"
+    # ... and really starts from its weights: one epoch at a learning rate of 1e-12 moves no
+    # convolution kernel by more than ~1e-12 (Adam's step is about lr), so the continued run's
+    # kernels equal the fine-tuned ones; a run from scratch has other kernels.
+    still = tmp_path / "cs_still"
+    train.train(_config(prepared, still, regime="cost-sensitive", epochs=1, init=str(ft),
+                        model=None, lr=1e-12))
+    kernels = lambda run: {w.path: w.numpy() for w in models.load_model_file(
+        run / "model.keras").trainable_weights if "conv" in w.path and "kernel" in w.path}
+    start, after, scratch = kernels(ft), kernels(still), kernels(run)
+    assert start and start.keys() == after.keys()
+    assert max(float(np.abs(start[k] - after[k]).max()) for k in start) < 1e-8
+    assert max(float(np.abs(start[k] - scratch[k]).max()) for k in start) > 1e-3
     # ... but only on data with the same classes.
     two = _prepared(tmp_path, "two", n_train=(8, 8))
     with pytest.raises(train.TrainError, match="3 classes, the data 2"):
@@ -418,6 +430,17 @@ def test_cost_matrix_regime(tiny_prepared, tmp_path):
     assert saved["matrix"] == [[0, 1, 1], [5, 0, 1], [5, 1, 0]]
     assert json.loads((run / "class_weights.json").read_text())["weights"] is None
     assert math.isfinite(float(_history(run)[0]["loss"]))
+    # The loss really is the expected cost: the logged validation loss of the kept (only) epoch
+    # equals mean_i sum_j C[y_i, j] p_ij computed by hand from the saved model's probabilities,
+    # and differs from the cross-entropy of the same probabilities.
+    va = data.load_split(tiny_prepared, "val")
+    p = models.predict_proba(models.load_model_file(run / "model.keras"), va.x.astype("float32"))
+    c = np.array([[0, 1, 1], [5, 0, 1], [5, 1, 0]], dtype=np.float64)
+    expected_cost = float(np.mean(np.sum(c[va.y] * p, axis=1)))
+    cross_entropy = float(np.mean(-np.log(p[np.arange(len(va.y)), va.y])))
+    logged = float(_history(run)[0]["val_loss"])
+    assert logged == pytest.approx(expected_cost, rel=1e-4, abs=1e-5)
+    assert abs(logged - cross_entropy) > 1e-3
 
 
 def test_contrastive_regime(tiny_prepared, tmp_path):
