@@ -593,6 +593,32 @@ def cluster_mean_ci(values: Sequence[float], groups: Optional[Sequence] = None, 
     return out
 
 
+def _clusters_in_strata(groups: Optional[Sequence], strata: np.ndarray
+                        ) -> Tuple[np.ndarray, np.ndarray]:
+    """(cluster number of each sample, stratum of each cluster); clusters must not span strata."""
+    c = _cluster_index(groups, strata.size)
+    stratum_of = np.full(int(c.max()) + 1 if c.size else 0, -1)
+    stratum_of[c] = strata
+    if np.any(stratum_of[c] != strata):
+        raise MetricsError("groups: a cluster holds samples of two strata; clusters must lie "
+                           "within one stratum (one class)")
+    return c, stratum_of
+
+
+def _stratified_draws(stratum_of: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """(n, G) cluster multiplicities: in every stratum as many clusters as it has, drawn with
+    replacement (the stratified cluster bootstrap)."""
+    rng = np.random.default_rng(seed)
+    draws = np.zeros((int(n), stratum_of.size))
+    for j in range(int(stratum_of.max()) + 1 if stratum_of.size else 0):
+        members = np.flatnonzero(stratum_of == j)
+        if members.size:
+            draws[:, members] = rng.multinomial(members.size,
+                                                np.full(members.size, 1.0 / members.size),
+                                                size=int(n))
+    return draws
+
+
 def _stratum_weights(n1: np.ndarray, n0: np.ndarray, weights: str) -> np.ndarray:
     """Per-stratum weights (..., K); 0 where an arm is empty."""
     both = (n1 > 0) & (n0 > 0)
@@ -651,13 +677,8 @@ def class_adjusted_difference(outcome: Sequence[float], arm: Sequence[bool], str
     s_names, s = np.unique(np.asarray(strata).astype(str), return_inverse=True)
     if not (a.size == y.size == s.size):
         raise MetricsError(f"outcome, arm and strata: lengths {y.size}, {a.size}, {s.size} differ")
-    c = _cluster_index(groups, y.size)
-    g, k = int(c.max()) + 1 if y.size else 0, len(s_names)
-    stratum_of = np.full(g, -1)
-    stratum_of[c] = s
-    if np.any(stratum_of[c] != s):
-        raise MetricsError("groups: a cluster holds samples of two strata; clusters must lie "
-                           "within one stratum (one class)")
+    c, stratum_of = _clusters_in_strata(groups, s)
+    g, k = stratum_of.size, len(s_names)
     # per cluster and arm: sums and counts (G, 2)
     sums = np.stack([np.bincount(c, y * (a == arm_), g) for arm_ in (False, True)], 1)
     sizes = np.stack([np.bincount(c, (a == arm_).astype(np.float64), g)
@@ -680,13 +701,7 @@ def class_adjusted_difference(outcome: Sequence[float], arm: Sequence[bool], str
         return est, np.where(w > 0, d, np.nan), w
 
     est, d, w = estimate(np.ones((1, g)))
-    rng = np.random.default_rng(seed)
-    draws = np.zeros((int(n), g))
-    for j in range(k):
-        members = np.flatnonzero(stratum_of == j)
-        draws[:, members] = rng.multinomial(members.size, np.full(members.size, 1.0 / members.size),
-                                            size=int(n))
-    boot = estimate(draws)[0]
+    boot = estimate(_stratified_draws(stratum_of, n, seed))[0]
     boot = boot[~np.isnan(boot)]
     ok = not np.isnan(est[0]) and boot.size > 0
     low, high = np.quantile(boot, [alpha / 2.0, 1.0 - alpha / 2.0]) if ok else (None, None)
@@ -744,13 +759,8 @@ def balanced_contrasts(outcome: Sequence[float], arm: Sequence, strata: Sequence
         if unknown:
             raise MetricsError(f"contrast {name!r}: unknown arm {unknown[0]!r}; arms are "
                                f"{', '.join(arm_names)}")
-    c = _cluster_index(groups, y.size)
-    g, k, m = int(c.max()) + 1, int(s.max()) + 1, len(arm_names)
-    stratum_of = np.full(g, -1)
-    stratum_of[c] = s
-    if np.any(stratum_of[c] != s):
-        raise MetricsError("groups: a cluster holds samples of two strata; clusters must lie "
-                           "within one stratum (one class)")
+    c, stratum_of = _clusters_in_strata(groups, s)
+    g, k, m = stratum_of.size, int(s.max()) + 1, len(arm_names)
     sums = np.stack([np.bincount(c, y * (a == j), g) for j in range(m)], 1)        # (G, A)
     sizes = np.stack([np.bincount(c, (a == j).astype(np.float64), g) for j in range(m)], 1)
     coef = np.array([[contrasts[name].get(arm_name, 0.0) for name in contrasts]
@@ -768,13 +778,7 @@ def balanced_contrasts(outcome: Sequence[float], arm: Sequence, strata: Sequence
             return np.nanmean(per, axis=1)
 
     point = balanced(np.ones((1, g)))[0]
-    rng = np.random.default_rng(seed)
-    draws = np.zeros((int(n), g))
-    for j in range(k):
-        members = np.flatnonzero(stratum_of == j)
-        draws[:, members] = rng.multinomial(members.size, np.full(members.size, 1.0 / members.size),
-                                            size=int(n))
-    boot = balanced(draws)
+    boot = balanced(_stratified_draws(stratum_of, n, seed))
     q = (alpha / 2.0, 1.0 - alpha / 2.0)
 
     def interval(values: np.ndarray, estimate: float) -> Dict[str, Optional[float]]:
