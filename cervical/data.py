@@ -593,12 +593,7 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
             rows.append({"path": rel, "class_name": cname, "label": int(y[i]), "group": groups[i],
                          "split": split, "source": sources[i], "augmented": int(bool(aug[i])),
                          "source_class": src_cls[i], "stem": stems[i], "mask": mrel})
-    tmp = out / ".manifest.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out / "manifest.csv")
+    files.write_csv(out / "manifest.csv", MANIFEST_COLUMNS, rows)
     meta = {"class_names": list(class_names), "num_classes": len(class_names),
             "counts": counts, "totals": {s: int(sum(counts[s].values())) for s in SPLITS},
             "originals": originals,

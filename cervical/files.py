@@ -169,22 +169,28 @@ def output_lock(folder: Union[str, os.PathLike], flag: str = "--out"):
 # Atomic writes
 # ------------------------------------------------------------------------------------------------
 
-def _temporary(path: Path) -> Path:
-    """A hidden name beside ``path``, unique to this process (two processes never share one)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def write_bytes(path: Union[str, os.PathLike], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+@contextlib.contextmanager
+def atomic_path(path: Union[str, os.PathLike], keep_suffix: bool = False):
+    """The one atomic write: yield a hidden temporary name beside ``path`` (unique to this
+    process, so two processes never share one), rename it onto ``path`` when the block succeeds,
+    delete it when the block fails. ``keep_suffix`` keeps ``path``'s suffix at the end of the
+    temporary name (Keras insists on ".keras")."""
     path = Path(path)
-    tmp = _temporary(path)
+    tmp = (path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}") if keep_suffix
+           else path.with_name(f".{path.name}.tmp{os.getpid()}"))
     try:
-        tmp.write_bytes(data)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_bytes(path: Union[str, os.PathLike], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_text(path: Union[str, os.PathLike], text: str) -> Path:

@@ -659,7 +659,10 @@ def _prepare_run_folder(cfg: TrainConfig) -> Tuple[Path, Optional[dict]]:
         if not f.is_file():
             raise TrainError(f"--resume: {out} holds no run (no config.json); drop --resume to "
                              f"start one")
-        saved = json.loads(f.read_text())
+        try:
+            saved = files.read_run_config(out, required=True)
+        except files.OutputError as exc:
+            raise TrainError(f"--resume: {exc}") from None
         for field in _RUN_FIELDS:
             if field == "model" and cfg.model is None:
                 continue
@@ -1154,13 +1157,8 @@ def _replace_policies(obj):
 
 def _save_model(model, path: Path) -> None:
     """model.keras, atomically (Keras needs the .keras suffix on the temporary name too)."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.keras")
-    try:
+    with files.atomic_path(path, keep_suffix=True) as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def format_summary(summary: dict) -> str:
