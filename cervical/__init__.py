@@ -1,7 +1,12 @@
 """cervical: reproduce, fix and extend explainable deep learning for Pap-smear cell classification.
 
 Modules (flat on purpose, each readable on its own):
-    data       raw datasets -> prepared folders (readers, size analysis, resize, splits, cache)
+    protocol   the study's protocol and ours, every differing choice in one object each
+    options    each command option declared once (flag, help, choices, range)
+    readers    raw layouts -> records (decoding, expert masks, label tasks)
+    splits     the study's split, grouped splits and folds, the randomised-leak design
+    prepared   the prepared-folder format and its loaders
+    data       raw datasets -> prepared folders (resize, size analysis, augmentation, ``prepare``)
     synthetic  the embedded SIPaKMeD-like generator (offline default)
     augment    the study's offline augmentation groups, seeded, on RGB, masks kept aligned
     models     the five ImageNet backbones + ``tiny``, study ("thesis") and corrected variants
@@ -11,6 +16,11 @@ Modules (flat on purpose, each readable on its own):
     report     ``eval`` and ``report``: tables and figures of the study
     cams       GradCAM, GradCAM++, LayerCAM, ScoreCAM, Faster-ScoreCAM (NumPy on tf.GradientTape)
     lime_lite  LIME on SLIC superpixels (NumPy)
+    xai_eval   faithfulness, localisation, sanity, control maps and paired verdicts
+    explain    the ``explain`` command
+    audit      how much of an accuracy is the protocol, and how much the leak
+    demo       the whole study offline
+    files      atomic writes, locks, versions, progress
 """
 
 __version__ = "0.1.0"
