@@ -13,7 +13,8 @@ Modules (flat on purpose, each readable on its own):
     losses     supervised contrastive and cost-sensitive losses
     train      fine-tune / cost-sensitive / contrastive training into a run folder
     metrics    accuracy, precision, recall, F1, kappa, calibration, bootstrap intervals
-    report     ``eval`` and ``report``: tables and figures of the study
+    evaluation ``eval``: one run on one split, metrics with intervals, tables and figures
+    report     ``report``: the study's tables and figures over several runs
     cams       GradCAM, GradCAM++, LayerCAM, ScoreCAM, Faster-ScoreCAM (NumPy on tf.GradientTape)
     lime_lite  LIME on SLIC superpixels (NumPy)
     xai_eval   faithfulness, localisation, sanity, control maps and paired verdicts
