@@ -11,6 +11,7 @@ Modules (flat on purpose, each readable on its own):
     augment    the study's offline augmentation groups, seeded, on RGB, masks kept aligned
     models     the five ImageNet backbones + ``tiny``, study ("thesis") and corrected variants
     losses     supervised contrastive and cost-sensitive losses
+    pipeline   the tf.data input pipeline and online augmentation
     train      fine-tune / cost-sensitive / contrastive training into a run folder
     metrics    accuracy, precision, recall, F1, kappa, calibration, bootstrap intervals
     evaluation ``eval``: one run on one split, metrics with intervals, tables and figures
