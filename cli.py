@@ -76,6 +76,13 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="defaults of the options below: ours, or what the study's code did "
                         "(stretch, nearest, its exact split, augment raw crops in BGR order with "
                         "black gaps, JPEG 95) (default: %(default)s)")
+    _add_prepare_protocol_args(p.add_argument_group(
+        "preparation (--variant decides the defaults; cervical.protocol)"))
+    _add_prepare_split_args(p.add_argument_group("split and augmentation"))
+    _add_prepare_run_args(p)
+
+
+def _add_prepare_protocol_args(p) -> None:
     p.add_argument("--resize", choices=["pad", "stretch"], default=None,
                    help="pad: keep aspect, pad to square with the border colour; stretch: the "
                         "study's (default: pad)")
@@ -97,6 +104,9 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment-order", choices=["rgb", "bgr"], default=None,
                    help="channel order the augmenters see; bgr reproduces the study's OpenCV "
                         "arrays (changes CLAHE/gamma, Canny and colour copies) (default: rgb)")
+
+
+def _add_prepare_split_args(p) -> None:
     p.add_argument("--folds", type=_int_in(0, "folds"), default=0,
                    help="K > 1: grouped stratified K-fold, one prepared folder per fold "
                         "(default: %(default)s = single split)")
@@ -121,6 +131,9 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leak-swap", action="store_true",
                    help="with --leak-cells: the crossover, the same design with the leaked and "
                         "held-out cluster images exchanged")
+
+
+def _add_prepare_run_args(p) -> None:
     p.add_argument("--per-class", type=_int_in(0, "per_class"), default=None,
                    help="synthetic only: cells per class (default: 120; 'full' sizes via "
                         "--per-class 0 = the real SIPaKMeD counts)")

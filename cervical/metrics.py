@@ -918,9 +918,16 @@ def summarize(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequenc
         out["reliability"] = reliability_data(t, prob, n_bins)
         out["ece"] = expected_calibration_error(t, prob, n_bins)
     if n_boot:
-        out["ci"] = {m: bootstrap_ci(t, p, m, n=n_boot, seed=seed, num_classes=k, groups=groups)
-                     for m in ("accuracy", "macro_f1")}
-        if groups is not None:     # the cell-level interval too, to show what clustering adds
-            out["ci_cells"] = {m: bootstrap_ci(t, p, m, n=n_boot, seed=seed, num_classes=k)
-                               for m in ("accuracy", "macro_f1")}
+        out.update(_summary_intervals(t, p, k, n_boot, seed, groups))
+    return out
+
+
+def _summary_intervals(t: np.ndarray, p: np.ndarray, k: int, n_boot: int, seed: int,
+                       groups: Optional[Sequence]) -> Dict[str, object]:
+    """summarize's "ci" (over clusters with ``groups``) and, with groups, "ci_cells" beside it."""
+    out = {"ci": {m: bootstrap_ci(t, p, m, n=n_boot, seed=seed, num_classes=k, groups=groups)
+                  for m in ("accuracy", "macro_f1")}}
+    if groups is not None:     # the cell-level interval too, to show what clustering adds
+        out["ci_cells"] = {m: bootstrap_ci(t, p, m, n=n_boot, seed=seed, num_classes=k)
+                           for m in ("accuracy", "macro_f1")}
     return out

@@ -513,6 +513,31 @@ class CellGeometry:
             halo=None if self.halo is None else self.halo.transformed(scale, dx, dy))
 
 
+def _place_inside(cell: Shape, lobes_unit: List[Shape], halo_unit: Optional[Shape],
+                  rng: np.random.Generator) -> Tuple[Tuple[Shape, ...], Optional[Shape]]:
+    """Place the nucleus lobes (and halo) in the cell: a random offset, halved until everything
+    lies inside with a margin; then the halo shrunk, then everything (cell_geometry's last step)."""
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    offset = rng.uniform(0.0, 0.35)
+    scale_inner, scale_halo = 1.0, 1.0
+    for _ in range(100):
+        ox, oy = offset * np.cos(angle), offset * np.sin(angle)
+        lobes = tuple(lobe.transformed(scale_inner, ox, oy) for lobe in lobes_unit)
+        halo = None if halo_unit is None else \
+            halo_unit.transformed(scale_inner * scale_halo, ox, oy)
+        fits = all(_min_clearance(cell, lobe) >= 0.08 for lobe in lobes)
+        fits = fits and (halo is None or _min_clearance(cell, halo) >= 0.05)
+        if fits:
+            break
+        if offset > 0.02:
+            offset *= 0.5
+        elif halo is not None and scale_halo > 0.7:
+            scale_halo *= 0.92
+        else:
+            scale_inner *= 0.92
+    return lobes, halo
+
+
 def cell_geometry(spec: ClassSpec, rng: np.random.Generator, stain: Stain) -> CellGeometry:
     """Draw one cell of class ``spec`` in unit coordinates (cell r_eq = 1, centred at 0).
 
@@ -560,25 +585,7 @@ def cell_geometry(spec: ClassSpec, rng: np.random.Generator, stain: Stain) -> Ce
         r_halo = smooth_radii(rng, rng.uniform(0.7, 1.0), 0.12, 6)
         halo_unit = Shape(0.0, 0.0, r_halo * max(nc * rng.uniform(*spec.halo), extent * 1.3))
 
-    # Place: random offset, halved until everything fits; then shrink the halo, then all.
-    angle = rng.uniform(0.0, 2.0 * np.pi)
-    offset = rng.uniform(0.0, 0.35)
-    scale_inner, scale_halo = 1.0, 1.0
-    for _ in range(100):
-        ox, oy = offset * np.cos(angle), offset * np.sin(angle)
-        lobes = tuple(lobe.transformed(scale_inner, ox, oy) for lobe in lobes_unit)
-        halo = None if halo_unit is None else \
-            halo_unit.transformed(scale_inner * scale_halo, ox, oy)
-        fits = all(_min_clearance(cell, lobe) >= 0.08 for lobe in lobes)
-        fits = fits and (halo is None or _min_clearance(cell, halo) >= 0.05)
-        if fits:
-            break
-        if offset > 0.02:
-            offset *= 0.5
-        elif halo is not None and scale_halo > 0.7:
-            scale_halo *= 0.92
-        else:
-            scale_inner *= 0.92
+    lobes, halo = _place_inside(cell, lobes_unit, halo_unit, rng)
 
     mix = rng.dirichlet(spec.cyt_mix) * np.exp(stain.mix_bias)
     nuc_density = rng.uniform(*spec.nuc_density)
@@ -681,6 +688,26 @@ def _crop_frame(shapes: Sequence[Shape], size: int, rng: np.random.Generator
     return h, w, scale, (margin[0] - xmin) * scale, (margin[2] - ymin) * scale
 
 
+def _add_surroundings(od: np.ndarray, rng: np.random.Generator, stain: Stain, x: np.ndarray,
+                      y: np.ndarray, scale: float, cyt_strength: float) -> None:
+    """Add to the optical density ``od`` (in place) what surrounds a cell in its crop:
+    neighbouring cells cut by the crop edge (pale, no nucleus in view) and debris specks."""
+    h, w = od.shape[:2]
+    for _ in range(min(int(rng.poisson(0.7)), 2)):
+        r_eq = scale * rng.uniform(0.5, 1.0)
+        side, t = int(rng.integers(4)), rng.uniform(0.0, 1.0)
+        out = r_eq * rng.uniform(0.3, 0.9)
+        cx, cy = [(-out, t * h), (w - 1 + out, t * h), (t * w, -out), (t * w, h - 1 + out)][side]
+        frag = Shape(cx, cy, r_eq * smooth_radii(rng, rng.uniform(0.6, 1.0), 0.06))
+        mix = rng.dirichlet((1.0, 1.0, 1.0)) * np.exp(stain.mix_bias)
+        od += (_soft(frag.signed_distance(x, y)) * rng.uniform(0.1, 0.4))[..., None] \
+            * (cyt_strength * (mix / mix.sum()) @ stain.od[1:])
+    for _ in range(int(rng.poisson(stain.debris))):
+        px, py, rad = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.7, 2.0)
+        speck = _soft(rad - np.hypot(x - px, y - py)) * rng.uniform(0.4, 1.2)
+        od += speck[..., None] * stain.od[int(rng.integers(4))]
+
+
 def render_cell(cls: str, rng: np.random.Generator, stain: Stain, size: int,
                 difficulty: Difficulty = DIFFICULTIES["default"],
                 phenotype: Optional[Phenotype] = None
@@ -738,20 +765,7 @@ def render_cell(cls: str, rng: np.random.Generator, stain: Stain, size: int,
         if i == 0:
             d_main_nucleus = d_nuc
 
-    # Neighbouring cells cut by the crop edge (pale, no nucleus in view) and debris specks.
-    for _ in range(min(int(rng.poisson(0.7)), 2)):
-        r_eq = scale * rng.uniform(0.5, 1.0)
-        side, t = int(rng.integers(4)), rng.uniform(0.0, 1.0)
-        out = r_eq * rng.uniform(0.3, 0.9)
-        cx, cy = [(-out, t * h), (w - 1 + out, t * h), (t * w, -out), (t * w, h - 1 + out)][side]
-        frag = Shape(cx, cy, r_eq * smooth_radii(rng, rng.uniform(0.6, 1.0), 0.06))
-        mix = rng.dirichlet((1.0, 1.0, 1.0)) * np.exp(stain.mix_bias)
-        od += (_soft(frag.signed_distance(x, y)) * rng.uniform(0.1, 0.4))[..., None] \
-            * (cyt_strength * (mix / mix.sum()) @ stain.od[1:])
-    for _ in range(int(rng.poisson(stain.debris))):
-        px, py, rad = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.7, 2.0)
-        speck = _soft(rad - np.hypot(x - px, y - py)) * rng.uniform(0.4, 1.2)
-        od += speck[..., None] * stain.od[int(rng.integers(4))]
+    _add_surroundings(od, rng, stain, x, y, scale, cyt_strength)
 
     haze = np.clip(1.0 + stain.texture * smooth_noise(rng, (h, w), stain.texture_scale), 0.0, None)
     od += haze[..., None] * stain.haze_od
