@@ -54,8 +54,7 @@ def _progress(step: str, done: int, total: int) -> None:
 # prepare
 # ------------------------------------------------------------------------------------------------
 
-#: The synthetic generator's settings (cervical.synthetic.DIFFICULTIES; a test checks the match).
-SYNTHETIC_CHOICES = ("default", "hard", "hard-uniform")
+from cervical.options import SYNTHETIC_CHOICES   # noqa: E402  (TensorFlow-free)
 
 
 def add_prepare_args(p: argparse.ArgumentParser) -> None:
@@ -305,61 +304,12 @@ def run_explain(args) -> int:
 
 
 def add_audit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=None,
-                   help="raw SIPaKMeD folder (default with --dataset synthetic: generate the "
-                        "full-size synthetic set with the study's file names)")
-    p.add_argument("--dataset", choices=["synthetic", "sipakmed"], default="synthetic",
-                   help="raw data layout (default: %(default)s)")
-    p.add_argument("--model", choices=MODEL_CHOICES, default="tiny",
-                   help="the model every arm trains (default: %(default)s)")
-    p.add_argument("--regime", choices=REGIME_CHOICES, default="finetune",
-                   help="training regime; cost-sensitive continues each arm's fine-tuned run "
-                        "(default: %(default)s)")
-    p.add_argument("--seeds", type=_int_in(1, "seeds"), default=3,
-                   help="runs per protocol arm (default: %(default)s)")
-    p.add_argument("--folds", type=_int_in(2, "folds"), default=5,
-                   help="grouped folds of the randomised-leak design; every cluster image is "
-                        "tested once (default: %(default)s)")
-    p.add_argument("--leak-cells", type=_int_in(1, "augment"), default=2,
-                   help="cells per leaked test cluster moved to training, and per held-out "
-                        "cluster set aside (default: %(default)s)")
-    p.add_argument("--leak-procedure", choices=["study", "ours"], default="study",
-                   help="training procedure of the leak design's runs: the study's (last epoch, "
-                        "no PreciseBN) or ours (best validation epoch) (default: %(default)s)")
-    p.add_argument("--factorial", action="store_true",
-                   help="train all 8 (split, preparation, procedure) arms instead of moving one "
-                        "factor at a time")
-    p.add_argument("--leak-only", dest="decompose", action="store_false",
-                   help="run only the leak design (and its negative control), not the protocol "
-                        "arms")
-    p.add_argument("--no-controls", dest="controls", action="store_false",
-                   help="skip the negative control (the leak design on data where a leak cannot "
-                        "help); the report then says nothing was checked")
-    p.add_argument("--epochs", type=_int_in(1, "epochs"), default=50,
-                   help="maximum epochs (default: %(default)s, the study's)")
-    p.add_argument("--size", type=_int_in(8, "size"), default=110,
-                   help="image side (default: %(default)s)")
-    p.add_argument("--augment", type=_int_in(0, "augment"), default=6,
-                   help="augmented copies per training image (default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_in(1, "batch_size"), default=32,
-                   help="images per step (default: %(default)s)")
-    p.add_argument("--weights", default=None,
-                   help="backbone weights: imagenet | none | FILE (default: train's)")
-    p.add_argument("--synthetic", choices=SYNTHETIC_CHOICES, default="hard",
-                   help="generated data: hard (cluster images differ strongly, classes overlap), "
-                        "default (the easy set) or hard-uniform (no cluster conditions) "
-                        "(default: %(default)s)")
+    """One flag per field of cervical.options.AuditConfig, plus --easy and --quick."""
+    from cervical import options
+
+    options.add_arguments(p, options.AuditConfig)
     p.add_argument("--easy", dest="synthetic", action="store_const", const="default",
                    help="the same as --synthetic default")
-    p.add_argument("--per-class", type=_int_in(0, "per_class"), default=0,
-                   help="generated data: cells per class; 0 = SIPaKMeD's 4049 with the study's "
-                        "file names (default: %(default)s)")
-    p.add_argument("--n-boot", type=_int_in(0, "n_boot"), default=2000,
-                   help="bootstrap resamples of every interval (default: %(default)s)")
-    p.add_argument("--seed", type=_int_in(0, "seed"), default=0,
-                   help="seed of the generated cells and of the leak design's folds and coins "
-                        "(default: %(default)s)")
-    p.add_argument("--out", default="outputs/audit", help="audit folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke test: 24 cells per class, 32 px, 2 epochs, one seed, 2 folds")
 
@@ -367,11 +317,9 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
 def run_audit(args) -> int:
     from cervical import audit
 
-    options = {k: getattr(args, k) for k in ("data_dir", "dataset", "model", "regime", "seeds",
-                                             "folds", "leak_cells", "epochs", "size", "augment",
-                                             "batch_size", "weights", "synthetic", "per_class",
-                                             "n_boot", "out", "factorial", "controls",
-                                             "leak_procedure", "decompose", "seed")}
+    import dataclasses
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(audit.AuditConfig)}
     if args.quick:
         options.update(audit.QUICK)
     result = audit.run_audit(audit.AuditConfig(**options), progress=_progress,

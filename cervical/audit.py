@@ -59,7 +59,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cervical import data, files, metrics, protocol
+from cervical import data, files, metrics, options, protocol
 
 __all__ = ["AuditError", "AuditConfig", "Arm", "ARMS", "QUICK", "run_audit", "leak_stats",
            "format_audit", "plan_arms", "departures", "THESIS_SPLIT_CSV"]
@@ -123,61 +123,9 @@ ONE_AT_A_TIME = ("ours", "study-split", "study-prep", "study-procedure", "study"
 PROTOCOL_OF = {"study": protocol.STUDY, "ours": protocol.OURS}
 
 
-@dataclasses.dataclass
-class AuditConfig:
-    """The arguments of one audit.
-
-    Attributes:
-        data_dir: raw SIPaKMeD-layout folder; None with dataset "synthetic" generates one.
-        dataset: "sipakmed" or "synthetic".
-        model, regime: what every arm trains (cervical.train); cost-sensitive continues a
-            fine-tuned run of the same arm and seed, as the study did.
-        seeds: runs per protocol arm (the grouped split and the training change with the seed).
-        folds: K >= 2: folds of the randomised-leak design (every cluster image tested once,
-            then once more crossed: 2 K runs).
-        leak_cells: cells per leaked test cluster moved to training (and per held-out one set
-            aside).
-        epochs: maximum epochs (the study's 50 by default).
-        size, augment: image side and augmented copies per training image (the study: 110, 6).
-        batch_size: images per step.
-        out: the audit folder (prepared datasets, runs, audit.md / .json / .png, cells.csv).
-        synthetic: the generator's setting for generated data ("hard" shows the mechanism).
-        per_class: synthetic only: cells per class; 0 = SIPaKMeD's 4049 with its file names.
-        weights: backbone weights ("none" offline); None = the train default.
-        n_boot: bootstrap resamples of every interval.
-        factorial: all eight (split, preparation, procedure) arms instead of one at a time.
-        controls: run the negative control (and judge the positive one on synthetic hard data).
-        leak_procedure: the training procedure of the leak design's runs: "study" (the study's:
-            its validation split at cell level, so it shares cluster images with training, early
-            stopping patience 3 on it, the last epoch, no PreciseBN; a model that trains longer
-            memorises more of its training cluster images) or "ours" (a grouped validation
-            split, the best validation epoch, PreciseBN).
-        decompose: train the protocol arms (False: only the leak design and its control).
-        seed: seed of the generated cells and of the leak design's folds and coins (the runs of
-            an arm are seeded 0, 1, ...).
-    """
-
-    data_dir: Optional[str] = None
-    dataset: str = "synthetic"
-    model: str = "tiny"
-    regime: str = "finetune"
-    seeds: int = 3
-    folds: int = 5
-    leak_cells: int = 2
-    epochs: int = 50
-    size: int = 110
-    augment: int = 6
-    batch_size: int = 32
-    out: str = "outputs/audit"
-    synthetic: str = "hard"
-    per_class: int = 0
-    weights: Optional[str] = None
-    n_boot: int = 2000
-    factorial: bool = False
-    controls: bool = True
-    leak_procedure: str = "study"
-    decompose: bool = True
-    seed: int = 0
+#: The arguments of one audit, each declared once with its flag, help and range
+#: (cervical.options.AuditConfig): ``cli.py audit`` is built from it.
+AuditConfig = options.AuditConfig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,20 +241,7 @@ def _check(config: AuditConfig) -> AuditConfig:
                          f"images in the file names); choose sipakmed or synthetic")
     if cfg.dataset == "sipakmed" and not cfg.data_dir:
         raise AuditError("--data-dir: required with --dataset sipakmed (the unpacked SIPaKMeD)")
-    from cervical import out_of_range, synthetic
-
-    for name, low in (("seeds", 1), ("folds", 2), ("leak_cells", 1), ("epochs", 1), ("size", 8),
-                      ("augment", 0), ("batch_size", 1), ("per_class", 0), ("n_boot", 0),
-                      ("seed", 0)):
-        limit = {"leak_cells": "augment"}.get(name, name)
-        problem = out_of_range(f"--{name.replace('_', '-')}", getattr(cfg, name), low, limit)
-        if problem:
-            raise AuditError(problem)
-    if cfg.leak_procedure not in ("study", "ours"):
-        raise AuditError(f"--leak-procedure {cfg.leak_procedure}: unknown; choose study or ours")
-    if cfg.synthetic not in synthetic.DIFFICULTIES:
-        raise AuditError(f"--synthetic {cfg.synthetic}: unknown; choose one of "
-                         f"{', '.join(synthetic.DIFFICULTIES)}")
+    options.check(cfg, AuditError)             # every declared choice and range
     return cfg
 
 

@@ -285,3 +285,67 @@ class TrainConfig:
                                group=_SYSTEM)
     verbose: int = option(0, "0 silent, 1 Keras progress bar, 2 one line per epoch", kind=int,
                           cli=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# audit
+# ------------------------------------------------------------------------------------------------
+
+_DATA, _ARMS, _LEAK, _TRAINING = ("data", "arms and controls", "the leak design", "training")
+
+#: The synthetic generator's settings (cervical.synthetic.DIFFICULTIES; a test checks the match).
+SYNTHETIC_CHOICES = ("default", "hard", "hard-uniform")
+
+
+@dataclasses.dataclass
+class AuditConfig:
+    """The arguments of one audit (cervical.audit); each field is also the flag of
+    ``cli.py audit`` and is recorded in audit.json."""
+
+    data_dir: Optional[str] = option(
+        None, "raw SIPaKMeD folder (default with --dataset synthetic: generate the full-size "
+        "synthetic set with the study's file names)", group=_DATA, show_default=False)
+    dataset: str = option("synthetic", "raw data layout", choices=("synthetic", "sipakmed"),
+                          group=_DATA)
+    model: str = option("tiny", "the model every arm trains", choices=MODEL_CHOICES,
+                        group=_TRAINING)
+    regime: str = option("finetune", "training regime; cost-sensitive continues each arm's "
+                         "fine-tuned run", choices=REGIME_CHOICES, group=_TRAINING)
+    seeds: int = option(3, "runs per protocol arm", kind=int, low=1, limit="seeds", group=_ARMS)
+    folds: int = option(5, "grouped folds of the randomised-leak design; every cluster image is "
+                        "tested once, then once more crossed", kind=int, low=2, limit="folds",
+                        group=_LEAK)
+    leak_cells: int = option(2, "cells per leaked test cluster moved to training, and per "
+                             "held-out cluster set aside", kind=int, low=1, limit="augment",
+                             group=_LEAK)
+    epochs: int = option(50, "maximum epochs (the study's)", kind=int, low=1, limit="epochs",
+                         group=_TRAINING)
+    size: int = option(110, "image side", kind=int, low=8, limit="size", group=_TRAINING)
+    augment: int = option(6, "augmented copies per training image", kind=int, low=0,
+                          limit="augment", group=_TRAINING)
+    batch_size: int = option(32, "images per step", kind=int, low=1, limit="batch_size",
+                             group=_TRAINING)
+    out: str = option("outputs/audit", "audit folder", group=_DATA)
+    synthetic: str = option(
+        "hard", "generated data: hard (cluster images differ strongly and share a phenotype, "
+        "classes overlap), default (the easy set) or hard-uniform (nothing shared within a "
+        "cluster image)", choices=SYNTHETIC_CHOICES, group=_DATA)
+    per_class: int = option(0, "generated data: cells per class; 0 = SIPaKMeD's 4049 with the "
+                            "study's file names", kind=int, low=0, limit="per_class", group=_DATA)
+    weights: Optional[str] = option(None, "backbone weights: imagenet | none | FILE (default: "
+                                    "train's)", group=_TRAINING, show_default=False)
+    n_boot: int = option(2000, "bootstrap resamples of every interval", kind=int, low=0,
+                         limit="n_boot", group=_ARMS)
+    factorial: bool = option(False, "train all 8 (split, preparation, procedure) arms instead "
+                             "of moving one factor at a time", kind=bool, group=_ARMS)
+    controls: bool = option(True, "skip the negative control (the leak design on data where a "
+                            "leak cannot help); the report then says nothing was checked",
+                            kind=bool, flag="--no-controls", group=_ARMS)
+    leak_procedure: str = option(
+        "study", "training procedure of the leak design's runs: the study's (a cell-level "
+        "validation split, the last epoch, no PreciseBN) or ours (grouped validation, best "
+        "epoch)", choices=("study", "ours"), group=_LEAK)
+    decompose: bool = option(True, "run only the leak design (and its negative control), not "
+                             "the protocol arms", kind=bool, flag="--leak-only", group=_ARMS)
+    seed: int = option(0, "seed of the generated cells and of the leak design's folds and coins",
+                       kind=int, low=0, limit="seed", group=_DATA)

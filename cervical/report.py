@@ -29,19 +29,8 @@ from cervical.evaluation import (  # noqa: F401  (re-exported: eval's functions,
     classification_table, evaluate_run, format_eval, plot_confusion_matrix, plot_reliability,
     protocol_label, untested_version_notes)
 
-__all__ = [
-    "ReportError",
-    "SPLITS",
-    "REGIMES",
-    "load_published",
-    "protocol_label",
-    "classification_table",
-    "plot_confusion_matrix",
-    "plot_reliability",
-    "evaluate_run",
-    "format_eval",
-    "build_report",
-]
+__all__ = ["REGIMES", "load_published", "build_report"] + [  # and eval's, re-exported
+    name for name in __import__("cervical.evaluation", fromlist=["__all__"]).__all__]
 
 
 # --------------------------------------------------------------------------------------------

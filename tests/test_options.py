@@ -87,3 +87,14 @@ def test_cli_train_has_one_flag_per_train_config_field():
     dests = {a.dest for a in sub._actions} - {"help", "quiet"}
     fields = {f.name for f in dataclasses.fields(O.TrainConfig) if f.metadata.get("cli")}
     assert dests == fields
+
+
+def test_cli_audit_has_one_flag_per_audit_config_field_and_choices_match():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import cli
+    from cervical import synthetic
+
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["audit"]
+    dests = {a.dest for a in sub._actions} - {"help", "quick"}
+    assert dests == {f.name for f in dataclasses.fields(O.AuditConfig)}
+    assert O.SYNTHETIC_CHOICES == tuple(synthetic.DIFFICULTIES)
