@@ -120,6 +120,14 @@ def _add_prepare_split_args(p) -> None:
                         "every cluster image) (default: %(default)s)")
     p.add_argument("--hard", dest="synthetic", action="store_const", const="hard",
                    help="the same as --synthetic hard")
+    p.add_argument("--groups", default=None, metavar="FILE.csv",
+                   help="the group (slide, patient, cluster image) of every image: a CSV with "
+                        "columns path,group, path relative to --data-dir; a grouped split keeps "
+                        "each group in one split (default: the layout's groups; a folders "
+                        "dataset has none: one group per image, and prepare warns)")
+    p.add_argument("--group-pattern", default=None, metavar="REGEX",
+                   help="the group from each file name: the first capture group of REGEX "
+                        "searched in the file stem, e.g. '^(\\d+)_' for NNN_MM names")
     p.add_argument("--leak-cells", type=_int_in(0, "augment"), default=0,
                    help="the randomised-leak design on a grouped split: in half the test cluster "
                         "images of each class (chosen by coin), move N cells to train; in the "
@@ -156,7 +164,7 @@ def run_prepare(args) -> int:
         variant=args.variant, augment_at=args.augment_at, fill=args.fill,
         jpeg_quality=args.jpeg_quality, augment_order=args.augment_order,
         synthetic=args.synthetic, leak_cells=args.leak_cells, leak_val=args.leak_val,
-        leak_swap=args.leak_swap)
+        leak_swap=args.leak_swap, groups=args.groups, group_pattern=args.group_pattern)
     print(data.format_summary(summary))
     return 0
 

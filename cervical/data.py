@@ -32,7 +32,8 @@ from cervical import files, protocol
 from cervical.readers import (  # noqa: F401  (re-exported: cervical.data is the one import)
     IMAGE_EXTS, MIN_SIDE, MAX_PIXELS, MASK_BACKGROUND, MASK_CYTOPLASM, MASK_NUCLEUS,
     SIPAKMED_CLASSES, HERLEV_CLASSES, TASKS, DEFAULT_TASK, DataError, decode_rgb, parse_dat, rasterize_polygon, label_mask_from_contours, herlev_label_mask, Record,
-    detect_dataset, read_sipakmed, read_herlev, read_folders, READERS, apply_task, load_class_map)
+    detect_dataset, read_sipakmed, read_herlev, read_folders, READERS, apply_task, load_class_map,
+    assign_groups)
 from cervical.splits import (  # noqa: F401  (re-exported: cervical.data is the one import)
     SPLITS, THESIS_SPLIT_CSV, split_thesis, _grouped_fold, _cell_level_val, split_grouped,
     split_folds, randomise_leak, _SAFE_NAME, split_from_manifest, resolve_split_spec)
@@ -416,6 +417,8 @@ class PrepareOptions:
     leak_cells: int = 0                # > 0: the randomised-leak design (randomise_leak)
     leak_val: str = "grouped"          # its validation split: "grouped" or "cells" (the study's)
     leak_swap: bool = False            # the crossover: leaked and held-out clusters exchanged
+    groups: Optional[Path] = None      # --groups FILE.csv (image -> group)
+    group_pattern: Optional[str] = None  # --group-pattern REGEX (group from the file name)
 
 
 @dataclasses.dataclass
@@ -426,6 +429,7 @@ class _RawSource:
     data_dir: Path
     final_dir: Path
     generated: Optional[dict]         # the synthetic generator's summary, when it ran
+    group_source: str = "layout"      # readers.assign_groups: file, pattern, layout or none
 
     def final_path(self, p: os.PathLike) -> Path:
         """A raw file's path after the commit (generated files move with the staging folder)."""
@@ -480,7 +484,8 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             augment_at: Optional[str] = None, fill: Optional[str] = None,
             jpeg_quality: Optional[int] = None, augment_order: Optional[str] = None,
             synthetic: str = "default", leak_cells: int = 0, leak_val: str = "grouped",
-            leak_swap: bool = False) -> dict:
+            leak_swap: bool = False, groups: Optional[os.PathLike] = None,
+            group_pattern: Optional[str] = None) -> dict:
     """Raw dataset -> prepared dataset folder (thesis ch. 5: size analysis, resize, split, augment).
 
     Everything is written to a staging folder beside ``out`` and renamed into place at the end,
@@ -522,6 +527,10 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
             early stopping rewards memorising them), the moved cells staying in train.
         leak_swap: with ``leak_cells``: the same design with the leaked and held-out clusters
             exchanged (``randomise_leak``'s crossover).
+        groups, group_pattern: where each image's group (slide, patient, cluster image) comes
+            from when the layout does not say: a ``path,group`` CSV or a regular expression on
+            the file name (``readers.assign_groups``). Without either, a folders dataset has one
+            group per image, and the summary warns that its grouped split is a cell-level split.
     Returns:
         A summary dict (also stored in dataset.json).
     """
@@ -551,7 +560,8 @@ def prepare(dataset: str = "synthetic", data_dir: Optional[os.PathLike] = None,
                           workers or os.cpu_count() or 1, save_images, progress,
                           chosen["augment_at"], chosen["fill"], int(chosen["jpeg_quality"]),
                           chosen["augment_order"], variant, synthetic, int(leak_cells),
-                          leak_val, bool(leak_swap))
+                          leak_val, bool(leak_swap), None if groups is None else Path(groups),
+                          group_pattern)
     _check_out_vs_data_dir(out, data_dir)
     with files.output_lock(out):
         stage = _stage_dir(out, overwrite)
@@ -649,6 +659,7 @@ def _read_records(raw: _RawSource, opts: PrepareOptions):
                         f"synthetic")
     raw.dataset = dataset
     records = READERS[dataset](raw.data_dir)
+    raw.group_source = assign_groups(records, raw.data_dir, opts.groups, opts.group_pattern)
     cmap = load_class_map(opts.class_map) if opts.class_map else None
     task_name = "custom" if cmap else (opts.task or DEFAULT_TASK.get(dataset, "all"))
     class_names = apply_task(records, dataset, opts.task, cmap)
@@ -705,8 +716,15 @@ def _dataset_info(raw: _RawSource, opts: PrepareOptions, task_name: str, cmap, s
         "fill": opts.fill, "jpeg_quality": opts.jpeg_quality,
         "augment_order": opts.augment_order, "size_analysis": sizes,
         "fingerprint": fingerprint, "skipped": len(cells.skipped), "generated": raw.generated,
-        "versions": files.library_versions(),
+        "versions": files.library_versions(), "groups": _group_info(raw, cells),
     }
+
+
+def _group_info(raw: "_RawSource", cells: "_Cells") -> dict:
+    """Where the groups came from and whether they are only the images themselves."""
+    n_groups = len(set(cells.groups.tolist()))
+    return {"source": raw.group_source, "n_groups": n_groups, "n_cells": len(cells.records),
+            "cell_level": n_groups == len(cells.records)}
 
 
 def _assign_splits(cells: _Cells, opts: PrepareOptions
@@ -807,6 +825,11 @@ def _prepare_summary(stage: Path, fold_infos: List[dict], info: dict, class_name
     else:
         summary = dict(fold_infos[0])
     summary["has_masks"] = cells.masks is not None
+    if info["groups"]["cell_level"] and opts.split_kind == "grouped":
+        summary["warnings"] = [
+            "no group information: every image is its own group, so this grouped split is a "
+            "cell-level split (cells of one slide can be in train and test); give --groups "
+            "FILE.csv or --group-pattern REGEX"]
     if cells.masks_dropped:
         summary["masks_dropped"] = {"cells_without_masks": cells.masks_dropped[0],
                                     "example": cells.masks_dropped[1]}
@@ -860,6 +883,8 @@ def format_summary(summary: dict) -> str:
                          f"width {sa['study_printed']['width']:.1f}')" if "study_printed" in sa else ""))
     if summary.get("skipped"):
         lines.append(f"  skipped {summary['skipped']} unreadable images (see skipped.txt)")
+    for warning in summary.get("warnings", []):
+        lines.append(f"  warning: {warning}")
     if summary.get("masks_dropped"):
         md = summary["masks_dropped"]
         lines.append(f"  no masks stored: {md['cells_without_masks']} cells have no contour files "

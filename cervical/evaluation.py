@@ -130,7 +130,8 @@ def _tex_table(header: Sequence[str], rows: Sequence[Sequence], caption: str, la
 # --------------------------------------------------------------------------------------------
 # protocol labels
 # --------------------------------------------------------------------------------------------
-def protocol_label(split: Optional[str], fold: Optional[int] = None, folds: Optional[int] = None) -> str:
+def protocol_label(split: Optional[str], fold: Optional[int] = None, folds: Optional[int] = None,
+                   cell_level_groups: bool = False) -> str:
     """Human label of a dataset's split protocol (dataset.json "split").
 
     "thesis" and the study's manifest (``manifest:thesis_split.csv``) are the study's cell-level
@@ -141,6 +142,8 @@ def protocol_label(split: Optional[str], fold: Optional[int] = None, folds: Opti
         split: dataset.json's "split" value (None when unknown).
         fold: the fold index when the dataset is one fold of a K-fold split.
         folds: K.
+        cell_level_groups: the dataset had no group information (every image its own group),
+            so a "grouped" split is in fact a cell-level one.
 
     Returns:
         e.g. "cell-level (thesis)", "grouped", "grouped 5-fold CV", "manifest (x.csv)", "unknown".
@@ -150,6 +153,8 @@ def protocol_label(split: Optional[str], fold: Optional[int] = None, folds: Opti
     s = str(split)
     if s == "thesis" or (s.startswith("manifest:") and "thesis" in s):
         return "cell-level (thesis)"
+    if s == "grouped" and cell_level_groups:
+        return "cell-level (no group information: one group per image)"
     if s == "grouped":
         if fold is not None:
             return f"grouped {folds}-fold CV" if folds else "grouped K-fold CV"
@@ -417,7 +422,9 @@ def _eval_meta(run: Path, config: dict, data: Path, split: str, external: bool,
         "run": str(run.resolve()), "model": config.get("model"), "regime": config.get("regime"),
         "loss": config.get("loss"), "variant": config.get("variant"), "split": split,
         "data_dir": str(data.resolve()), "dataset": info.get("dataset"), "task": info.get("task"),
-        "split_protocol": protocol, "protocol": protocol_label(protocol, fold, folds),
+        "split_protocol": protocol,
+        "protocol": protocol_label(protocol, fold, folds,
+                                   bool((info.get("groups") or {}).get("cell_level"))),
         "fold": fold, "folds": folds, "external": bool(external),
         "augmented_excluded": cells.augmented_excluded, "n_boot": int(n_boot), "seed": int(seed),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -333,6 +333,97 @@ def read_folders(root: os.PathLike) -> List[Record]:
     return records
 
 
+def assign_groups(records: List[Record], root: os.PathLike, groups_csv: Optional[os.PathLike] = None,
+                  pattern: Optional[str] = None) -> str:
+    """Set each record's group (the slide, patient or cluster image its cell came from) and say
+    where the groups came from.
+
+    A grouped split keeps every group inside one split; cells of one slide share its stain and
+    focus, so without group information a "grouped" split is a cell-level split, the study's
+    leak. Sources, in order:
+
+        groups_csv  a CSV with columns ``path,group``: path relative to ``root`` (as written in
+                    manifest.csv's "source" column), every image listed once;
+        pattern     a regular expression searched in each file stem; the group is its first
+                    capture group (or the whole match), e.g. ``^(\\d+)_`` for "NNN_MM" names;
+        the layout  SIPaKMeD (and the synthetic set): the cluster image NNN of "NNN_MM";
+        none        every other layout: each image is its own group.
+
+    Groups from a file or a pattern are prefixed with the class folder, as cluster images are.
+
+    Args:
+        records: from a reader (changed in place).
+        root: the raw folder.
+        groups_csv, pattern: the two user-given sources (at most one).
+    Returns:
+        "file", "pattern", "layout" or "none".
+    Raises:
+        DataError: both given, an unreadable file, an image it does not list, a listed image
+            that is not there, or a stem the pattern does not match.
+    """
+    if groups_csv and pattern:
+        raise DataError("--groups / --group-pattern: give one of them, not both")
+    if groups_csv:
+        table = _read_groups_csv(Path(groups_csv))
+        missing = []
+        for r in records:
+            rel = _relative_posix(r.path, Path(root))
+            if rel not in table:
+                missing.append(rel)
+                continue
+            r.group = f"{r.source_class}/{table.pop(rel)}"
+        if missing:
+            raise DataError(f"--groups {groups_csv}: {len(missing)} images are not listed (first: "
+                            f"{missing[0]}); give every image a group")
+        if table:
+            raise DataError(f"--groups {groups_csv}: {len(table)} listed images are not in "
+                            f"--data-dir (first: {next(iter(table))}); fix the paths")
+        return "file"
+    if pattern:
+        try:
+            rx = re.compile(pattern)
+        except re.error as exc:
+            raise DataError(f"--group-pattern {pattern!r}: not a regular expression ({exc})") from None
+        for r in records:
+            m = rx.search(r.stem)
+            if not m:
+                raise DataError(f"--group-pattern {pattern!r}: no match in the file name {r.path.name}; "
+                                f"adjust the pattern")
+            r.group = f"{r.source_class}/{m.group(1) if m.groups() else m.group(0)}"
+        return "pattern"
+    return "none" if all(r.group == f"{r.source_class}/{r.stem}" for r in records) else "layout"
+
+
+def _relative_posix(path: Path, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def _read_groups_csv(path: Path) -> Dict[str, str]:
+    """{relative image path: group} from a ``path,group`` CSV."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"--groups {path}: cannot read ({type(exc).__name__}); give a CSV with "
+                        f"columns path,group") from None
+    if not rows or not {"path", "group"} <= set(rows[0]):
+        raise DataError(f"--groups {path}: needs columns path,group (path relative to --data-dir)")
+    table: Dict[str, str] = {}
+    for i, row in enumerate(rows, 2):
+        key, group = str(row["path"]).strip().replace("\\", "/"), str(row["group"]).strip()
+        if not key or not group:
+            raise DataError(f"--groups {path}:{i}: empty path or group; fill both columns")
+        if key in table:
+            raise DataError(f"--groups {path}:{i}: {key} listed twice; list every image once")
+        table[key] = group
+    return table
+
+
 READERS = {"sipakmed": read_sipakmed, "synthetic": read_sipakmed, "herlev": read_herlev,
            "folders": read_folders}
 

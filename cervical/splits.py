@@ -49,16 +49,24 @@ def split_thesis(labels: Sequence[int], seed: int = 42, train: float = 0.8) -> n
     return out
 
 
-def _grouped_fold(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, fold: int = 0
+def _grouped_fold(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, fold: int = 0,
+                  step: str = "the split", needed: Optional[int] = None
                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """One fold of a stratified grouped K-fold of (y, groups): (other indices, fold indices).
+
+    ``step`` names what is being cut (the test split, or the validation split of what the test
+    split left) and ``needed`` the cells per class the whole dataset must have for it, so that the
+    error says what is short where."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_groups = len(np.unique(groups))
     smallest = int(np.unique(y, return_counts=True)[1].min())
     if n_groups < n_splits or smallest < n_splits:
-        raise DataError(f"--split grouped: {n_groups} cluster images and {smallest} cells in the "
-                        f"smallest class, too few for {n_splits} folds; use more data "
-                        f"(at least {n_splits} cells per class) or --split thesis")
+        need = needed or n_splits
+        raise DataError(f"--split grouped: {step} is a grouped {n_splits}-fold cut and needs at "
+                        f"least {n_splits} groups and {n_splits} cells per class; it has {n_groups} "
+                        f"groups and {smallest} cells in its smallest class. Use at least {need} "
+                        f"images per class (and as many groups), or --split thesis")
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     for k, (a, b) in enumerate(sgkf.split(np.zeros(len(y)), y, groups)):
         if k == fold:
@@ -88,8 +96,11 @@ def split_grouped(labels: Sequence[int], groups: Sequence[str], seed: int = 42,
     """
     y, g = np.asarray(labels), np.asarray(groups)
     out = np.empty(len(y), dtype=object)
-    rest, te = _grouped_fold(y, g, int(round(1 / test)), seed)
-    tr, va = _grouped_fold(y[rest], g[rest], int(round(1 / val)), seed)
+    k_test, k_val = int(round(1 / test)), int(round(1 / val))
+    need = max(k_test, int(np.ceil(k_val / (1 - test))))       # the validation cut comes last
+    rest, te = _grouped_fold(y, g, k_test, seed, step="the test split", needed=need)
+    tr, va = _grouped_fold(y[rest], g[rest], k_val, seed, needed=need,
+                           step="the validation split (of the cells the test split left)")
     out[te], out[rest[va]], out[rest[tr]] = "test", "val", "train"
     return out
 
@@ -101,9 +112,12 @@ def split_folds(labels: Sequence[int], groups: Sequence[str], k: int, seed: int 
         raise DataError(f"--folds {k}: need at least 2 folds (or 0 for a single split)")
     y, g = np.asarray(labels), np.asarray(groups)
     out = []
+    k_val = int(round(1 / val))
+    need = max(k, int(np.ceil(k_val / (1 - 1 / k))))
     for i in range(k):
-        rest, te = _grouped_fold(y, g, k, seed, fold=i)
-        tr, va = _grouped_fold(y[rest], g[rest], int(round(1 / val)), seed)
+        rest, te = _grouped_fold(y, g, k, seed, fold=i, step=f"the {k}-fold split", needed=need)
+        tr, va = _grouped_fold(y[rest], g[rest], k_val, seed, needed=need,
+                               step=f"fold {i}'s validation split (of its training cells)")
         s = np.empty(len(y), dtype=object)
         s[te], s[rest[va]], s[rest[tr]] = "test", "val", "train"
         out.append(s)

@@ -596,3 +596,91 @@ def test_prepare_leak_design_per_fold(tmp_path, leak_val):
         assert bool(train_groups & val_groups) == (leak_val == "cells")
         n_all = sum(len(v) for v in by.values())
         assert n_all + design["set_aside_cells"] == 150
+
+
+def _folders_with_slides(root, n_slides=5, per_slide=3):
+    """A folders dataset: classes a and b, each n_slides slides of per_slide cells named
+    s<slide>_<cell>.png, and the matching groups.csv (path,group)."""
+    from PIL import Image
+
+    rows = ["path,group"]
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for s in range(n_slides):
+            for i in range(per_slide):
+                name = f"s{s}_{i}.png"
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / name)
+                rows.append(f"{c}/{name},slide{s}")
+    (root.parent / "groups.csv").write_text("\n".join(rows) + "\n")
+    return root.parent / "groups.csv"
+
+
+def _shared_groups(prepared):
+    rows = data.read_manifest(prepared)
+    splits = {}
+    for r in rows:
+        splits.setdefault(r["group"], set()).add(r["split"])
+    return sum(1 for s in splits.values() if len(s) > 1)
+
+
+@pytest.mark.parametrize("how", ["file", "pattern"])
+def test_folders_with_groups_split_by_group(tmp_path, how):
+    """With --groups FILE.csv (or --group-pattern), no slide is in two splits, dataset.json says
+    where the groups came from, and there is no warning."""
+    groups = _folders_with_slides(tmp_path / "raw")
+    kw = dict(groups=groups) if how == "file" else dict(group_pattern=r"^(s\d+)_")
+    s = data.prepare(dataset="folders", data_dir=tmp_path / "raw", out=tmp_path / "p", size=16,
+                     augment=0, save_images=False, **kw)
+    info = data.read_info(tmp_path / "p")
+    assert info["groups"] == {"source": how, "n_groups": 10, "n_cells": 30, "cell_level": False}
+    assert _shared_groups(tmp_path / "p") == 0
+    assert "warnings" not in s
+
+
+def test_folders_without_groups_warn_that_the_split_is_cell_level(tmp_path):
+    _folders_with_slides(tmp_path / "raw")
+    s = data.prepare(dataset="folders", data_dir=tmp_path / "raw", out=tmp_path / "p", size=16,
+                     augment=0, save_images=False)
+    assert data.read_info(tmp_path / "p")["groups"]["cell_level"] is True
+    assert len(s["warnings"]) == 1 and "cell-level split" in s["warnings"][0]
+    assert "warning: no group information" in data.format_summary({**s, "out": "x"})
+    from cervical import evaluation
+
+    assert evaluation.protocol_label("grouped", cell_level_groups=True).startswith("cell-level")
+
+
+def test_groups_file_errors_name_the_file_and_the_fix(tmp_path):
+    groups = _folders_with_slides(tmp_path / "raw")
+    lines = groups.read_text().splitlines()
+    groups.write_text("\n".join(lines[:-1]) + "\n")               # one image unlisted
+    with pytest.raises(data.DataError, match="not listed .*give every image a group"):
+        data.prepare(dataset="folders", data_dir=tmp_path / "raw", out=tmp_path / "p", size=16,
+                     augment=0, save_images=False, groups=groups)
+    with pytest.raises(data.DataError, match="no match in the file name"):
+        data.prepare(dataset="folders", data_dir=tmp_path / "raw", out=tmp_path / "q", size=16,
+                     augment=0, save_images=False, group_pattern=r"^x(\d)")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
+def test_too_small_for_a_grouped_split_says_what_is_short_and_is_true(tmp_path):
+    """2 classes x 6 images: the test split leaves 4 images of a class, too few for the 5-fold
+    validation cut; the message names that step, the 4, and the 7 images per class that suffice
+    (7 - ceil(7 / 5) = 5 left after the test split). 7 per class then works."""
+    from PIL import Image
+
+    for c in "ab":
+        (tmp_path / "raw" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((20, 20, 3), i, np.uint8)).save(tmp_path / "raw" / c / f"{i}.png")
+    with pytest.raises(data.DataError) as err:
+        data.prepare(dataset="folders", data_dir=tmp_path / "raw", out=tmp_path / "p", size=16,
+                     augment=0, save_images=False)
+    msg = str(err.value)
+    assert "the validation split" in msg and "4 cells in its smallest class" in msg
+    assert "at least 7 images per class" in msg
+    for c in "ab":
+        Image.fromarray(np.full((20, 20, 3), 9, np.uint8)).save(tmp_path / "raw" / c / "6.png")
+    s = data.prepare(dataset="folders", data_dir=tmp_path / "raw", out=tmp_path / "p", size=16,
+                     augment=0, save_images=False)
+    assert sum(s["totals"].values()) == 14
