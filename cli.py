@@ -5,6 +5,7 @@
     python cli.py train    prepared dataset -> run folder (fine-tune, cost-sensitive, contrastive)
     python cli.py eval     run folder -> metrics, tables and figures on a split
     python cli.py explain  run folder -> CAM and LIME explanations (+ quantitative XAI evaluation)
+    python cli.py predict  run folder + new images -> predicted class and probabilities
     python cli.py report   several runs -> the study's tables and figures, with published results
     python cli.py audit    the study's protocol against ours on the same cells (the protocol gap)
     python cli.py demo     the whole study offline on the embedded synthetic dataset
@@ -362,11 +363,29 @@ def run_demo(args) -> int:
 
 # ------------------------------------------------------------------------------------------------
 
+def add_predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder (cli.py train)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="image files, or folders (every image under them, sorted)")
+    p.add_argument("--out", default=None, metavar="FILE.csv",
+                   help="write path, predicted class, confidence and every class probability "
+                        "(default: print only)")
+
+
+def run_predict(args) -> int:
+    from cervical import predict
+
+    result = predict.predict(args.run, args.images, out=args.out)
+    print(predict.format_predictions(result))
+    return 0
+
+
 COMMANDS = {
     "prepare": (add_prepare_args, run_prepare, "raw dataset -> prepared dataset folder"),
     "train": (add_train_args, run_train, "prepared dataset -> trained run folder"),
     "eval": (add_eval_args, run_eval, "evaluate a run on a split: metrics, tables, figures"),
     "explain": (add_explain_args, run_explain, "CAM and LIME explanations of a run's predictions"),
+    "predict": (add_predict_args, run_predict, "a run's class and probabilities for new images"),
     "report": (add_report_args, run_report, "the study's tables and figures from several runs"),
     "audit": (add_audit_args, run_audit, "the study's protocol against ours on the same cells: "
                                           "how much of the accuracy is the protocol"),

@@ -280,3 +280,35 @@ def test_cli_explain_exit_codes(tiny_run, tmp_path, capsys):
     assert cli.main(["explain", "--run", str(tiny_run), "--methods", "gradcam,layercam",
                      "--out", str(out)]) == 0
     assert (out / "cams_correct.png").is_file() and str(out) in capsys.readouterr().out
+
+
+def test_predict_new_images_equals_the_models_own_probabilities(tiny_run, tiny_prepared, tmp_path,
+                                                                 capsys):
+    """predict on the prepared test PNGs (already at the run's size, so reading them again
+    changes nothing) gives, image by image, the class and probabilities of the model on the
+    cached test arrays; a folder stands for its images, sorted; the CSV holds the same numbers."""
+    import csv
+
+    from cervical import data, models, predict
+
+    test = data.load_split(tiny_prepared, "test")
+    folder = Path(tiny_prepared) / "images" / "test"
+    result = predict.predict(tiny_run, [folder], out=tmp_path / "p.csv")
+    by_path = {str(Path(tiny_prepared) / p): i for i, p in enumerate(test.paths)}
+    model = models.load_model_file(tiny_run / "model.keras")
+    probs = models.predict_proba(model, test.x)
+    assert len(result["rows"]) == len(test.paths)
+    assert [r["path"] for r in result["rows"]] == sorted(r["path"] for r in result["rows"])
+    for r in result["rows"]:
+        p = probs[by_path[r["path"]]]
+        assert r["predicted"] == test.class_names[int(p.argmax())]
+        assert [r["probabilities"][n] for n in test.class_names] == pytest.approx(p, abs=1e-6)
+    with open(tmp_path / "p.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(x["confidence"]) for x in rows] == pytest.approx(
+        [r["confidence"] for r in result["rows"]])
+    import cli
+
+    assert cli.main(["predict", "--run", str(tiny_run), str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.png" in err[0]
