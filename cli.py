@@ -255,6 +255,8 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (with model.keras and config.json)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="split whose cells are explained (default: %(default)s)")
+    p.add_argument("--class", dest="explain_class", default=None, metavar="NAME|INDEX",
+                   help="the class every map explains (default: each cell's predicted class)")
     p.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                    help="gradcam gradcam++ layercam scorecam faster-scorecam lime, or all; space- or "
                         "comma-separated (default: all)")
@@ -298,9 +300,11 @@ def run_explain(args) -> int:
         evaluate=args.evaluate, n_eval=args.n_eval, images=args.images, layer=args.layer,
         seed=args.seed, progress=_progress, data_dir=args.data,
         lime_samples=args.lime_samples, lime_segments=args.lime_segments, max_n=args.max_n,
-        n_sanity=args.n_sanity, sanity_blocks=args.sanity_blocks, tolerance=args.tolerance)
+        n_sanity=args.n_sanity, sanity_blocks=args.sanity_blocks, tolerance=args.tolerance,
+        explain_class=args.explain_class)
     shown = sum(1 for c in result["cells"] if c["index"] >= 0)
-    print(f"explained {shown} cells (CAM layer {result['layer']}); files in {result['out_dir']}")
+    print(f"explained {shown} cells (class: {result['explained_class']}; CAM layer "
+          f"{result['layer']}); files in {result['out_dir']}")
     for cell in result["cells"]:
         if cell.get("note"):
             print(f"  note: {cell['note']}")

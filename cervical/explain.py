@@ -430,7 +430,8 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
                 data_dir: Optional[Union[str, os.PathLike]] = None, lime_samples: int = 1000,
                 lime_segments: int = 50, lime_features: int = 5, max_n: int = 10,
                 n_sanity: int = 5, sanity_blocks: Optional[int] = 5, sanity_mode: str = "permute",
-                tolerance: float = 0.0) -> Dict[str, Any]:
+                tolerance: float = 0.0,
+                explain_class: Optional[Union[str, int]] = None) -> Dict[str, Any]:
     """Explain a run's predictions (figures, overlays, raw maps) and optionally evaluate the methods.
 
     Args:
@@ -450,10 +451,12 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
         max_n: Faster-Score-CAM's channels.
         n_sanity, sanity_blocks, sanity_mode: randomisation check cells, blocks and mode.
         tolerance: pointing-game tolerance in pixels.
+        explain_class: the class every map explains, by name or index (default: each cell's
+            predicted class), e.g. to ask why a cell was not called abnormal.
 
     Returns:
         {"out_dir": str, "files": [paths relative to out_dir], "cells": [...], "layer": str | None,
-        "metrics": dict | None}.
+        "metrics": dict | None, "explained_class": name or "predicted"}.
 
     Raises:
         ExplainError: missing run or model, unknown method or layer, unreadable image, bad numbers.
@@ -473,9 +476,11 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
     target = (_image_target(model, config, run_dir, images, out_dir, data_dir) if images else
               _split_target(model, config, run_dir, split, per_class, out_dir, data_dir))
     files.report_progress(progress, "explain: predictions", 1, 1)
-    maps, lime = compute_maps(model, target.x8, np.array([c.pred for c in target.cells
-                                                          if not c.placeholder], dtype=np.int64),
-                              methods, layer=cam_layer, lime_samples=lime_samples,
+    shown = [c.pred for c in target.cells if not c.placeholder]
+    fixed = _class_index(explain_class, target.class_names)
+    maps, lime = compute_maps(model, target.x8,
+                              np.array(shown if fixed is None else [fixed] * len(shown),
+                                       dtype=np.int64), methods, layer=cam_layer, lime_samples=lime_samples,
                               lime_segments=lime_segments, max_n=max_n, seed=seed,
                               progress=_prefixed(progress, "explain: "))
     final, metrics = target.out, None
@@ -492,7 +497,20 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
                                      max_n=max_n), progress)
             written += ["xai_metrics.json", "xai_metrics.md", "xai_curves.png"]
     return {"out_dir": str(final), "files": written, "cells": records, "layer": cam_layer,
-            "metrics": metrics}
+            "metrics": metrics,
+            "explained_class": "predicted" if fixed is None else target.class_names[fixed]}
+
+
+def _class_index(value: Optional[Union[str, int]], class_names: Sequence[str]) -> Optional[int]:
+    """--class NAME|INDEX -> the class index, or None (each cell's predicted class)."""
+    if value is None:
+        return None
+    if str(value) in class_names:
+        return list(class_names).index(str(value))
+    if str(value).isdigit() and int(value) < len(class_names):
+        return int(value)
+    raise ExplainError(f"--class {value}: not a class of this run; choose a name or index of "
+                       f"{', '.join(class_names)}")
 
 
 def _check_args(images, evaluate: bool, tolerance: float,

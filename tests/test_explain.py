@@ -312,3 +312,24 @@ def test_predict_new_images_equals_the_models_own_probabilities(tiny_run, tiny_p
     assert cli.main(["predict", "--run", str(tiny_run), str(tmp_path / "missing.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.png" in err[0]
+
+
+def test_explain_class_fixes_the_explained_class(tiny_run, tiny_prepared, tmp_path):
+    """--class NAME|INDEX: every map explains that class; Grad-CAM's maps then equal
+    cams.gradcam with that class index, computed directly; an unknown class is one line."""
+    from cervical import cams, data
+
+    test = data.load_split(tiny_prepared, "test")
+    files_ = [Path(tiny_prepared) / p for p in test.paths[:3]]
+    name = test.class_names[2]
+    res = E.explain_run(tiny_run, images=files_, methods=["gradcam"], out_dir=tmp_path / "e",
+                        explain_class=name)
+    assert res["explained_class"] == name
+    maps = np.load(tmp_path / "e" / "maps.npz")
+    key = next(k for k in maps.files if "gradcam" in k)
+    model = __import__("cervical.models", fromlist=["x"]).load_model_file(tiny_run / "model.keras")
+    direct = cams.gradcam(model, test.x[:3].astype("float32"), class_index=2, layer="feat")
+    np.testing.assert_allclose(maps[key], direct, atol=1e-5)
+    with pytest.raises(E.ExplainError, match="--class nope: not a class"):
+        E.explain_run(tiny_run, images=files_, methods=["gradcam"], out_dir=tmp_path / "f",
+                      explain_class="nope")
