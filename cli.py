@@ -411,6 +411,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reference() -> str:
+    """docs/cli.md: every command's --help, as this parser prints it at 100 columns (a test checks
+    the file is current; regenerate with
+    ``python -c "import cli; print(cli.reference(), end='')" > docs/cli.md``)."""
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        parser = build_parser()
+        parts = ["# Command-line reference", "",
+                 "Generated from the parsers in `cli.py` (the same text as `python cli.py COMMAND "
+                 "--help`; the command is also installed as `cervical`).", "",
+                 "```text", parser.format_help().rstrip(), "```"]
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        for name, p in sub.choices.items():
+            parts += ["", f"## {name}", "", "```text", p.format_help().rstrip(), "```"]
+        return "\n".join(parts) + "\n"
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:

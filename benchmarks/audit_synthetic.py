@@ -1,10 +1,10 @@
 """The whole audit on the full-size synthetic SIPaKMeD (4049 cells, 966 cluster images, the study's
-file names), hard setting, with both controls: the numbers of the README's audit section.
+file names), hard setting, with both controls: the numbers of docs/audit.md and the README.
 
     python benchmarks/audit_synthetic.py [--model tiny] [--size 64] [--seeds 2] [--folds 5]
                                          [--epochs 50] [--augment 0] [--out outputs/audit_synthetic]
 
-The defaults are the README's run: tiny at 64 px without augmentation (the study's model, 110 px
+The defaults are the run docs/audit.md reports: tiny at 64 px without augmentation (the study's model, 110 px
 and x7 augmentation would take hours on two CPU cores; every such departure is listed in
 audit.md), at most the study's 50 epochs.
 

@@ -379,7 +379,7 @@ def worker_role(strategy: str) -> WorkerRole:
         return WorkerRole()
     raw = os.environ.get("TF_CONFIG", "")
     fix = ('set TF_CONFIG on every worker to {"cluster": {"worker": [hosts]}, "task": {"type": '
-           '"worker", "index": i}} (README, "Several machines")')
+           '"worker", "index": i}} (docs/robustness.md, "Several machines")')
     if not raw.strip():
         raise TrainError(f"--strategy multiworker: TF_CONFIG is not set; {fix}")
     try:
