@@ -44,11 +44,35 @@ def _float_in(low: float, limit: str = "", low_open: bool = False, high: float =
     return float_in(low, limit, low_open, high)
 
 
+_STARTED: dict = {}
+
+
 def _progress(step: str, done: int, total: int) -> None:
-    """The library's progress calls, as one refreshed stderr line 'step: done/total'."""
+    """The library's progress calls, as one refreshed stderr line
+    'step: done/total, elapsed 12 s, about 40 s left' (the estimate assumes an even pace)."""
+    import time
+
+    now = time.monotonic()
+    start = _STARTED.setdefault(step, now)
+    elapsed = now - start
+    text = f"\r{step}: {done}/{total}, elapsed {_duration(elapsed)}"
+    if 0 < done < total and elapsed > 0:
+        text += f", about {_duration(elapsed / done * (total - done))} left"
     end = "\n" if done >= total else ""
-    sys.stderr.write(f"\r{step}: {done}/{total}" + " " * 8 + end)
+    if done >= total:
+        _STARTED.pop(step, None)
+    sys.stderr.write(text + " " * 8 + end)
     sys.stderr.flush()
+
+
+def _duration(seconds: float) -> str:
+    """12 s, 3 min 5 s, 1 h 02 min."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 # ------------------------------------------------------------------------------------------------

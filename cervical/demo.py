@@ -82,7 +82,9 @@ def _prefixed(progress: Optional[Callable], prefix: str) -> Optional[Callable]:
     """``progress`` with every step name prefixed (None stays None)."""
     if progress is None:
         return None
-    return lambda step, done, total: progress(f"{prefix}{step}", done, total)
+    # steps that already name themselves ("explain: maps", "report: runs") keep their one prefix
+    return lambda step, done, total: progress(
+        step if step.startswith(prefix) else f"{prefix}{step}", done, total)
 
 
 def _epoch_progress(progress: Optional[Callable], name: str) -> list:
