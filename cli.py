@@ -30,6 +30,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+class _Deprecated(argparse.Action):
+    """An old flag name kept for one release: it sets the new flag's value and warns in one line."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stderr.write(f"{parser.prog}: warning: {option_string} is deprecated and will be "
+                         f"removed after 0.1; use {self.new}\n")
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+
+
+def _deprecated(p, old: str, new: str, dest: str, **kwargs) -> None:
+    """Add ``old`` as a hidden alias of ``new`` (same dest) that warns when used."""
+    p.add_argument(old, dest=dest, action=_Deprecated, new=new, help=argparse.SUPPRESS,
+                   default=argparse.SUPPRESS, **kwargs)
+
+
 def _int_in(low: int, limit: str = ""):
     """argparse type: an integer >= low (and <= cervical.LIMITS[limit]) (cervical.options)."""
     from cervical.options import int_in
@@ -45,6 +64,7 @@ def _float_in(low: float, limit: str = "", low_open: bool = False, high: float =
 
 
 _STARTED: dict = {}
+_QUIET = False                       # --quiet: no progress lines
 
 
 def _progress(step: str, done: int, total: int) -> None:
@@ -52,6 +72,8 @@ def _progress(step: str, done: int, total: int) -> None:
     'step: done/total, elapsed 12 s, about 40 s left' (the estimate assumes an even pace)."""
     import time
 
+    if _QUIET:
+        return
     now = time.monotonic()
     start = _STARTED.setdefault(step, now)
     elapsed = now - start
@@ -241,6 +263,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=_int_in(0, "n_boot"), default=1000,
                    help="bootstrap resamples for the 95%% intervals; 0 disables (default: %(default)s)")
     p.add_argument("--seed", type=_int_in(0, "seed"), default=0, help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation in the output folder (default: refuse)")
 
 
 def run_eval(args) -> int:
@@ -248,7 +272,7 @@ def run_eval(args) -> int:
 
     summary = report.evaluate_run(args.run, data_dir=args.data, split=args.split, out_dir=args.out,
                                   progress=_progress, batch_size=args.batch_size,
-                                  n_boot=args.n_boot, seed=args.seed)
+                                  n_boot=args.n_boot, seed=args.seed, overwrite=args.overwrite)
     print(report.format_eval(summary))
     return 0
 
@@ -258,15 +282,19 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--split", choices=["test", "val", "train", "all"], default="test",
                    help="which evaluation to report (default: %(default)s)")
-    p.add_argument("--no-eval", action="store_true",
+    p.add_argument("--require-eval", dest="require_eval", action="store_true",
                    help="fail on runs without RUN/eval/SPLIT/metrics.json instead of evaluating them")
+    _deprecated(p, "--no-eval", "--require-eval", "require_eval", nargs=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier report in --out (default: refuse)")
 
 
 def run_report(args) -> int:
     from cervical import report
 
-    path = report.build_report(args.runs, args.out, split=args.split, evaluate_missing=not args.no_eval,
-                               progress=_progress)
+    path = report.build_report(args.runs, args.out, split=args.split,
+                               evaluate_missing=not args.require_eval, progress=_progress,
+                               overwrite=args.overwrite)
     print(f"report written to {path}")
     return 0
 
@@ -284,8 +312,13 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                    help="gradcam gradcam++ layercam scorecam faster-scorecam lime, or all; space- or "
                         "comma-separated (default: all)")
-    p.add_argument("--per-class", type=_int_in(1, "per_class_shown"), default=1,
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier explanation in the output folder (default: refuse)")
+    p.add_argument("--shown-per-class", dest="per_class", type=_int_in(1, "per_class_shown"),
+                   default=1,
                    help="most confident correct and wrong cells shown per class (default: %(default)s)")
+    _deprecated(p, "--per-class", "--shown-per-class", "per_class",
+                type=_int_in(1, "per_class_shown"))
     p.add_argument("--out", default=None,
                    help="output folder (default: RUN/explain/SPLIT, RUN/explain/images with --images)")
     p.add_argument("--images", nargs="+", default=None, metavar="PATH",
@@ -325,7 +358,7 @@ def run_explain(args) -> int:
         seed=args.seed, progress=_progress, data_dir=args.data,
         lime_samples=args.lime_samples, lime_segments=args.lime_segments, max_n=args.max_n,
         n_sanity=args.n_sanity, sanity_blocks=args.sanity_blocks, tolerance=args.tolerance,
-        explain_class=args.explain_class)
+        explain_class=args.explain_class, overwrite=args.overwrite)
     shown = sum(1 for c in result["cells"] if c["index"] >= 0)
     print(f"explained {shown} cells (class: {result['explained_class']}; CAM layer "
           f"{result['layer']}); files in {result['out_dir']}")
@@ -347,6 +380,7 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
     options.add_arguments(p, options.AuditConfig)
     p.add_argument("--easy", dest="synthetic", action="store_const", const="default",
                    help="the same as --synthetic default")
+    _deprecated(p, "--seeds", "--runs-per-arm", "seeds", type=_int_in(1, "seeds"))
     p.add_argument("--quick", action="store_true",
                    help="a smoke test: 24 cells per class, 32 px, 2 epochs, one seed, 2 folds")
 
@@ -432,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (add_args, _, helptext) in COMMANDS.items():
         p = sub.add_parser(name, help=helptext, description=helptext)
         add_args(p)
+        if "--quiet" not in p._option_string_actions:
+            p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
 
 
@@ -467,6 +503,8 @@ def main(argv=None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    global _QUIET
+    _QUIET = bool(getattr(args, "quiet", False))
     run = COMMANDS[args.command][1]
     if args.command not in ("prepare", "demo"):   # demo imports it after its prepare step
         from cervical import import_tensorflow_quietly

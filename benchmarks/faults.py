@@ -213,14 +213,16 @@ def main(argv=None) -> int:
         "prepare", ["prepare", "--out", work / "p2", "--per-class", 30, "--size", 32, "--augment", 2,
                     "--overwrite"], work / "p2", "dataset.json", other, rng)
     results["eval"] = folder_campaign(
-        "eval", ["eval", "--run", work / "train_ref_finetune", "--n-boot", 2000],
+        "eval", ["eval", "--run", work / "train_ref_finetune", "--n-boot", 2000, "--overwrite"],
         work / "train_ref_finetune" / "eval" / "test", "metrics.json", other, rng)
     results["explain"] = folder_campaign(
         "explain", ["explain", "--run", work / "train_ref_finetune", "--evaluate", "--n-eval", 8,
+                    "--overwrite",
                     "--lime-samples", 200], work / "train_ref_finetune" / "explain" / "test", "cells.json",
         other, rng)
     results["report"] = folder_campaign(
-        "report", ["report", "--runs", work / "train_ref_finetune", "--out", work / "report"],
+        "report", ["report", "--runs", work / "train_ref_finetune", "--out", work / "report",
+                   "--overwrite"],
         work / "report", "report.json", other, rng)
     for name, r in results.items():
         print(f"{name:8s} kills survived / tried: {r['survived']} / {r['tried']}")

@@ -312,7 +312,8 @@ def _resolve_eval_inputs(run: Path, data_dir, split: str):
 
 def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, split: str = "test",
                  out_dir: Optional[os.PathLike] = None, progress: Progress = None, batch_size: int = 64,
-                 n_boot: int = 1000, seed: int = 0, abnormal: Optional[Sequence[str]] = None) -> dict:
+                 n_boot: int = 1000, seed: int = 0, abnormal: Optional[Sequence[str]] = None,
+                 overwrite: bool = True) -> dict:
     """Evaluate a trained run on one split and write the eval folder.
 
     Loads ``RUN/model.keras`` and the split of the run's prepared dataset (``config.json``
@@ -336,6 +337,8 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
         seed: bootstrap seed.
         abnormal: class names counted as abnormal (default by name, see
             :func:`cervical.metrics.default_abnormal_classes`).
+        overwrite: replace an earlier evaluation in the output folder (the command line asks
+            for --overwrite; refused otherwise, before any work).
 
     Returns:
         the summary dict written to metrics.json, plus "files": {name: path}.
@@ -354,8 +357,10 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
             raise ReportError(problem)
     run = Path(run_dir)
     config, data, external = _resolve_eval_inputs(run, data_dir, split)
-    if out_dir is not None:
-        files.check_output_dir(out_dir, "metrics.json")
+    if out_dir is None:
+        sub = split if not external else f"external-{_slug(data.name)}-{split}"
+        out_dir = run / "eval" / sub
+    files.check_output_dir(out_dir, "metrics.json", replace=overwrite)
     cells = _eval_cells(config, data, split)
     model = _load_model(run / "model.keras")
     mismatch = models.input_size_mismatch(model, cells.x, data)
@@ -369,9 +374,6 @@ def evaluate_run(run_dir: os.PathLike, data_dir: Optional[os.PathLike] = None, s
     summary = metrics.summarize(cells.y, prob.argmax(axis=1), cells.names, y_prob=prob,
                                 abnormal=abnormal, n_boot=n_boot, seed=seed, groups=cells.groups)
     summary["meta"] = _eval_meta(run, config, data, split, external, cells, n_boot, seed)
-    if out_dir is None:
-        sub = split if not external else f"external-{_slug(data.name)}-{split}"
-        out_dir = run / "eval" / sub
     summary["files"] = _write_eval_files(Path(out_dir), summary, cells, prob, config, run, split)
     return summary
 

@@ -431,7 +431,8 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
                 lime_segments: int = 50, lime_features: int = 5, max_n: int = 10,
                 n_sanity: int = 5, sanity_blocks: Optional[int] = 5, sanity_mode: str = "permute",
                 tolerance: float = 0.0,
-                explain_class: Optional[Union[str, int]] = None) -> Dict[str, Any]:
+                explain_class: Optional[Union[str, int]] = None,
+                overwrite: bool = True) -> Dict[str, Any]:
     """Explain a run's predictions (figures, overlays, raw maps) and optionally evaluate the methods.
 
     Args:
@@ -453,6 +454,8 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
         tolerance: pointing-game tolerance in pixels.
         explain_class: the class every map explains, by name or index (default: each cell's
             predicted class), e.g. to ask why a cell was not called abnormal.
+        overwrite: replace an earlier explanation in the output folder (the command line asks
+            for --overwrite; refused otherwise, before any work).
 
     Returns:
         {"out_dir": str, "files": [paths relative to out_dir], "cells": [...], "layer": str | None,
@@ -475,6 +478,7 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
     cam_layer = choose_cam_layer(model, layer, config) if set(methods) - {"lime"} else None
     target = (_image_target(model, config, run_dir, images, out_dir, data_dir) if images else
               _split_target(model, config, run_dir, split, per_class, out_dir, data_dir))
+    files.check_output_dir(target.out, "cells.json", replace=overwrite)
     files.report_progress(progress, "explain: predictions", 1, 1)
     shown = [c.pred for c in target.cells if not c.placeholder]
     fixed = _class_index(explain_class, target.class_names)

@@ -55,14 +55,20 @@ class OutputError(ValueError):
 # Whole output folders: built aside and swapped in, one writer at a time
 # ------------------------------------------------------------------------------------------------
 
-def check_output_dir(final: Union[str, os.PathLike], marker: str, flag: str = "--out") -> None:
+def check_output_dir(final: Union[str, os.PathLike], marker: str, flag: str = "--out",
+                     replace: bool = True) -> None:
     """Refuse, before any work, an output folder that holds something other than this step's
-    output (a folder without ``marker``), or a file in its place (see ``atomic_dir``)."""
+    output (a folder without ``marker``), or a file in its place (see ``atomic_dir``); with
+    ``replace`` False, also an earlier output of this step (the command line's default: nothing
+    is replaced without --overwrite)."""
     final = Path(final)
     if final.exists() and (not final.is_dir() or (any(final.iterdir())
                                                    and not (final / marker).is_file())):
         raise OutputError(f"{flag} {final}: exists and holds something other than this step's "
                           f"output (no {marker}); choose another folder or empty it")
+    if not replace and (final / marker).is_file():
+        raise OutputError(f"{flag} {final}: holds an earlier output of this step; pass "
+                          f"--overwrite to replace it, or choose another folder")
 
 
 def swap_in(stage: Path, final: Path) -> None:

@@ -311,7 +311,8 @@ class AuditConfig:
                         group=_TRAINING)
     regime: str = option("finetune", "training regime; cost-sensitive continues each arm's "
                          "fine-tuned run", choices=REGIME_CHOICES, group=_TRAINING)
-    seeds: int = option(3, "runs per protocol arm", kind=int, low=1, limit="seeds", group=_ARMS)
+    seeds: int = option(3, "runs per protocol arm (each its own seed: 0, 1, ...)", kind=int,
+                        low=1, limit="seeds", flag="--runs-per-arm", group=_ARMS)
     folds: int = option(5, "grouped folds of the randomised-leak design; every cluster image is "
                         "tested once, then once more crossed", kind=int, low=2, limit="folds",
                         group=_LEAK)

@@ -378,7 +378,7 @@ def _version_lines(records: List[dict]) -> List[str]:
 
 def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: str = "test",
                  evaluate_missing: bool = True, progress: Progress = None,
-                 published: Optional[dict] = None) -> Path:
+                 published: Optional[dict] = None, overwrite: bool = True) -> Path:
     """The study's tables and figures over several runs, with the published numbers beside them.
 
     Reads ``RUN/eval/<split>/metrics.json`` of every run (evaluating runs that have none when
@@ -404,6 +404,8 @@ def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: s
         evaluate_missing: evaluate runs without metrics.json (needs TensorFlow).
         progress: None/False quiet, True a stderr counter, or a callable (done, total, note).
         published: the published numbers (default :func:`load_published`).
+        overwrite: replace an earlier report in ``out_dir`` (the command line asks for
+            --overwrite; refused otherwise, before any run is evaluated).
 
     Returns:
         path of report.md.
@@ -417,7 +419,7 @@ def build_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, split: s
     if split not in SPLITS:
         raise ReportError(f"--split {split}: unknown; choose one of {', '.join(SPLITS)}")
     published = published if published is not None else load_published()
-    files.check_output_dir(out_dir, "report.md")          # before any run is evaluated
+    files.check_output_dir(out_dir, "report.md", replace=overwrite)   # before any evaluation
     records = _collect_runs(run_dirs, split, evaluate_missing, progress)
     groups = _group_runs(records)
     final = Path(out_dir)

@@ -25,7 +25,7 @@ def test_train_and_eval_survive_sigkill(tmp_path):
     t = faults.train_campaign(prepared, tmp_path, kills=3, rng=rng, epochs=3)
     assert t["tried"] == 3 and t["survived"] == 3, t["problems"]
     e = faults.folder_campaign("eval", ["eval", "--run", tmp_path / "train_ref_finetune",
-                                        "--n-boot", 3000],
+                                        "--n-boot", 3000, "--overwrite"],
                                tmp_path / "train_ref_finetune" / "eval" / "test", "metrics.json",
                                kills=1, rng=rng)
     assert e["survived"] == e["tried"], e["problems"]

@@ -95,6 +95,6 @@ def test_cli_audit_has_one_flag_per_audit_config_field_and_choices_match():
     from cervical import synthetic
 
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["audit"]
-    dests = {a.dest for a in sub._actions} - {"help", "quick"}
+    dests = {a.dest for a in sub._actions} - {"help", "quick", "quiet"}
     assert dests == {f.name for f in dataclasses.fields(O.AuditConfig)}
     assert O.SYNTHETIC_CHOICES == tuple(synthetic.DIFFICULTIES)

@@ -312,11 +312,11 @@ def test_malformed_run_files_give_one_line_errors(tmp_path, capsys):
     cli = _cli()
     run = _fake_run(tmp_path, "r", "finetune", "vgg16", [0, 1, 2], [0, 1, 2])
     (run / "eval" / "test" / "metrics.json").write_text("[]")
-    assert cli.main(["report", "--runs", str(run), "--out", str(tmp_path / "o1"), "--no-eval"]) == 2
+    assert cli.main(["report", "--runs", str(run), "--out", str(tmp_path / "o1"), "--require-eval"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "metrics.json" in err and "--split test" in err
     (run / "eval" / "test" / "metrics.json").write_text('{"n": 3}')
-    assert cli.main(["report", "--runs", str(run), "--out", str(tmp_path / "o2"), "--no-eval"]) == 2
+    assert cli.main(["report", "--runs", str(run), "--out", str(tmp_path / "o2"), "--require-eval"]) == 2
     assert "missing class_names" in capsys.readouterr().err
     (run / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a JSON object"):
@@ -417,3 +417,28 @@ def test_report_explanations_section_prints_paired_verdicts(tmp_path):
            "+0.050 [+0.010, +0.090] beats |" in text
     assert "no method beats the centred Gaussian" in text and "runB" not in text
     assert R._explanations_section([{"run": tmp_path / "runB"}], "test") == []
+
+
+def test_cli_writers_refuse_to_replace_output_without_overwrite(tiny_run, tmp_path, capsys):
+    """eval and report, run twice into one folder: the second refuses in one line naming
+    --overwrite and leaves the first output alone; with --overwrite it replaces it. A deprecated
+    flag still works and says so in one line."""
+    cli = _cli()
+    out, rep = tmp_path / "ev", tmp_path / "rep"
+    for argv, folder, marker in ((["eval", "--run", str(tiny_run), "--n-boot", "20", "--out",
+                                   str(out)], out, "metrics.json"),
+                                 (["report", "--runs", str(tiny_run), "--out", str(rep)], rep,
+                                  "report.md")):
+        assert cli.main(argv) == 0
+        first = (folder / marker).read_bytes()
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--overwrite" in err[0] and str(folder) in err[0]
+        assert (folder / marker).read_bytes() == first
+        assert cli.main(argv + ["--overwrite"]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", "--runs", str(tiny_run), "--out", str(tmp_path / "r2"),
+                     "--no-eval", "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-eval is deprecated" in err[0] and "--require-eval" in err[0]
