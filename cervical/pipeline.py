@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 __all__ = ["augment_images", "study_augment", "make_train_dataset", "make_eval_dataset",
-           "channel_statistics"]
+           "gather_rows", "channel_statistics"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,8 +139,9 @@ def make_train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
 
     Epoch e visits the images in the order argsort(u), u ~ stateless_uniform(seed = (seed, e)), in
     batches of ``batch_size`` (the last one smaller), so the order depends only on (seed, e): a
-    resumed run sees exactly the batches an uninterrupted one would. Images are gathered from a
-    tensor kept on the CPU, cast to float32 (raw 0..255, the model preprocesses), optionally
+    resumed run sees exactly the batches an uninterrupted one would. Each batch's images are
+    gathered from ``x`` itself (``gather_rows``: a memory-mapped array is read a batch at a time,
+    never copied whole), cast to float32 (raw 0..255, the model preprocesses), optionally
     augmented (``augment_images`` seeded on (seed, e, step)) and prefetched.
 
     Args:
@@ -165,14 +166,13 @@ def make_train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
 
     n = int(len(y))
     with tf.device("/cpu:0"):
-        xs = tf.constant(x)
         ys = tf.constant(np.asarray(y, np.int32))
         ws = None if class_weight is None else tf.constant(
             [float(class_weight.get(i, 0.0)) for i in range(max(class_weight) + 1)], tf.float32)
     base = tf.constant(int(seed), tf.int64)
 
     def load(epoch, step, idx):
-        images = tf.cast(tf.gather(xs, idx), tf.float32)
+        images = tf.cast(gather_rows(x, idx), tf.float32)
         labels = tf.gather(ys, idx)
         key = tf.stack([base, epoch * 1_000_003 + step])
         if views == 2:
@@ -200,19 +200,34 @@ def make_train_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
     return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
 
+def gather_rows(x: np.ndarray, idx):
+    """The rows ``idx`` (an int tensor) of the array ``x``, as a uint8 tensor, read in NumPy: a
+    memory-mapped ``x`` is paged in a batch at a time, an in-memory one is not copied into a
+    TensorFlow constant (which doubled the memory of training before)."""
+    import tensorflow as tf
+
+    out = tf.numpy_function(lambda i: np.asarray(x[np.asarray(i)]), [idx], tf.as_dtype(x.dtype),
+                            stateful=False)
+    out.set_shape([None] + list(x.shape[1:]))
+    return out
+
+
 def make_eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int,
                       num_classes: Optional[int] = None):
-    """Validation batches in file order: (float32 images 0..255, one-hot or int targets)."""
+    """Validation batches in file order: (float32 images 0..255, one-hot or int targets), read
+    from ``x`` a batch at a time (``gather_rows``)."""
     import tensorflow as tf
 
     with tf.device("/cpu:0"):
-        ds = tf.data.Dataset.from_tensor_slices((x, np.asarray(y, np.int32)))
+        ys = tf.constant(np.asarray(y, np.int32))
+        ds = tf.data.Dataset.range(int(len(y))).batch(batch_size)
 
-    def cast(images, labels):
-        images = tf.cast(images, tf.float32)
+    def load(idx):
+        images = tf.cast(gather_rows(x, idx), tf.float32)
+        labels = tf.gather(ys, idx)
         return images, (labels if num_classes is None else tf.one_hot(labels, num_classes))
 
-    return _with_options(ds.batch(batch_size).map(cast, num_parallel_calls=tf.data.AUTOTUNE)
+    return _with_options(ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                          .prefetch(tf.data.AUTOTUNE))
 
 

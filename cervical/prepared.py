@@ -112,20 +112,25 @@ def read_manifest(data_dir: os.PathLike) -> List[dict]:
         return list(csv.DictReader(fh))
 
 
-def load_split(data_dir: os.PathLike, split: str = "train") -> Split:
+def load_split(data_dir: os.PathLike, split: str = "train", mmap: bool = False,
+               masks: bool = True) -> Split:
     """Load one split of a prepared dataset from its array cache.
 
     Args:
         data_dir: a folder written by ``prepare`` (or ``write_prepared``).
         split: "train" (augmented copies included), "val", "test", or "all" (every original image
             of the three splits, no augmented copies).
+        mmap: map the images from disk instead of reading them (``np.load(mmap_mode="r")``):
+            memory then holds only the pages in use, so a split larger than RAM can be streamed
+            (the values are the same; the array is read-only).
+        masks: also load the masks (training does not use them).
     Raises:
         DataError: not a prepared dataset, unknown split, or an empty split.
     """
     info = read_info(data_dir)
     d = Path(data_dir)
     if split == "all":
-        parts = [load_split(d, s) for s in SPLITS if info.get("totals", {}).get(s)]
+        parts = [load_split(d, s, masks=masks) for s in SPLITS if info.get("totals", {}).get(s)]
         keep = [~p.augmented for p in parts]
         return Split(
             x=np.concatenate([p.x[k] for p, k in zip(parts, keep)]),
@@ -143,10 +148,10 @@ def load_split(data_dir: os.PathLike, split: str = "train") -> Split:
     if not xf.is_file():
         raise DataError(f"--data {d}: split '{split}' is empty or its cache is missing; "
                         f"prepare the dataset again")
-    x = np.load(xf)
+    x = np.load(xf, mmap_mode="r" if mmap else None)
     y = np.load(d / "cache" / f"{split}_y.npy").astype(np.int64)
     mf = d / "cache" / f"{split}_masks.npy"
-    masks = np.load(mf) if mf.is_file() else None
+    mask_array = np.load(mf, mmap_mode="r" if mmap else None) if masks and mf.is_file() else None
     rows = [r for r in read_manifest(d) if r["split"] == split]
     if len(rows) != len(y):
         raise DataError(f"{d}: manifest.csv and cache disagree for split '{split}' "
@@ -155,7 +160,7 @@ def load_split(data_dir: os.PathLike, split: str = "train") -> Split:
         raise DataError(f"--split {split}: no images in {d}; choose another split")
     return Split(x=x, y=y, paths=[r["path"] for r in rows], groups=[r["group"] for r in rows],
                  augmented=np.array([r["augmented"] == "1" for r in rows], dtype=bool),
-                 masks=masks, class_names=list(info["class_names"]),
+                 masks=mask_array, class_names=list(info["class_names"]),
                  sources=[r["source"] for r in rows])
 
 

@@ -633,8 +633,8 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
         models.check_input_size(cfg.model, (int(info["image_size"]),) * 2 + (3,))
     cost = load_cost_matrix(cfg.cost_matrix, class_names) if cfg.cost_matrix else None
     try:
-        tr = cdata.load_split(cfg.data, "train")
-        va = cdata.load_split(cfg.data, "val")
+        tr = cdata.load_split(cfg.data, "train", mmap=True, masks=False)   # streamed, not read
+        va = cdata.load_split(cfg.data, "val", mmap=True, masks=False)
     except cdata.DataError as exc:
         raise cdata.DataError(f"{exc} (training needs a train and a val split; the test split "
                               f"is never used here)") from None
