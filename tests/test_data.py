@@ -684,3 +684,15 @@ def test_too_small_for_a_grouped_split_says_what_is_short_and_is_true(tmp_path):
     s = data.prepare(dataset="folders", data_dir=tmp_path / "raw", out=tmp_path / "p", size=16,
                      augment=0, save_images=False)
     assert sum(s["totals"].values()) == 14
+
+
+def test_prepare_says_before_decoding_when_memory_will_not_suffice(tmp_path, monkeypatch):
+    """The estimate by hand: 2 x 150 cells x 16^2 px x 4 bytes x (1 + 0.64 x 2) + 0.3 GB; with
+    1 MB available, prepare stops in one line naming --size and --augment, and writes nothing."""
+    est = data.prepare_memory_estimate(150, 16, 2)
+    assert est == pytest.approx(2 * 150 * 256 * 4 * (1 + 1.28) + 0.3 * 1024 ** 3)
+    monkeypatch.setattr(data, "available_memory", lambda: 1024.0 ** 2)
+    with pytest.raises(data.DataError, match=r"--size 16 --augment 2: .* needs about .* GB"):
+        data.prepare(dataset="synthetic", out=tmp_path / "p", per_class=30, size=16, augment=2,
+                     save_images=False)
+    assert not (tmp_path / "p").exists()
