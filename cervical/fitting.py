@@ -151,9 +151,9 @@ def precise_bn_images(x: np.ndarray, n: int, seed: int) -> np.ndarray:
     """The fixed training subset behind PreciseBatchNorm: ``n`` images drawn without replacement
     with ``seed`` (all of them when there are fewer), in file order."""
     if n <= 0 or len(x) <= n:
-        return x
+        return np.array(x)
     idx = np.sort(np.random.default_rng([int(seed), 7]).choice(len(x), n, replace=False))
-    return x[idx]
+    return np.array(x[idx])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ TensorFlow is imported inside the functions.
 from __future__ import annotations
 
 import math
+import mmap
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -206,10 +207,22 @@ def gather_rows(x: np.ndarray, idx):
     TensorFlow constant (which doubled the memory of training before)."""
     import tensorflow as tf
 
-    out = tf.numpy_function(lambda i: np.asarray(x[np.asarray(i)]), [idx], tf.as_dtype(x.dtype),
+    out = tf.numpy_function(lambda i: read_rows(x, np.asarray(i)), [idx], tf.as_dtype(x.dtype),
                             stateful=False)
     out.set_shape([None] + list(x.shape[1:]))
     return out
+
+
+def read_rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``x[idx]`` as an in-memory array. For a memory-mapped ``x`` the pages just read are then
+    released from this process (``madvise(MADV_DONTNEED)``; the operating system keeps them in its
+    file cache), so an epoch over a large split does not leave the whole file counted in the
+    process's memory: what it holds is bounded by the batch."""
+    rows = np.array(x[idx])
+    handle = getattr(x, "_mmap", None)
+    if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        handle.madvise(mmap.MADV_DONTNEED)
+    return rows
 
 
 def make_eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int,
@@ -250,7 +263,7 @@ def channel_statistics(x: np.ndarray, chunk: int = 512) -> Tuple[List[float], Li
     total = np.zeros(3)
     total_sq = np.zeros(3)
     for i in range(0, len(x), chunk):
-        part = x[i:i + chunk].reshape(-1, 3).astype(np.float64)
+        part = read_rows(x, slice(i, i + chunk)).reshape(-1, 3).astype(np.float64)
         total += part.sum(0)
         total_sq += (part ** 2).sum(0)
     m = float(np.prod(x.shape[:3]))

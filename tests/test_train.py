@@ -286,13 +286,15 @@ def test_test_split_never_loaded(tiny_prepared, tmp_path, monkeypatch):
     seen = []
     real = data.load_split
 
-    def spy(d, split="train"):
-        seen.append(split)
-        return real(d, split)
+    def spy(d, split="train", **kw):
+        seen.append((split, kw))
+        return real(d, split, **kw)
 
     monkeypatch.setattr(data, "load_split", spy)
     train.train(_config(tiny_prepared, tmp_path / "r", epochs=1))
-    assert sorted(seen) == ["train", "val"]
+    assert sorted(s for s, _ in seen) == ["train", "val"]
+    # streamed from disk, masks never read (training does not use them)
+    assert all(kw == {"mmap": True, "masks": False} for _, kw in seen)
 
 
 class _Interrupt(keras.callbacks.Callback):
@@ -772,3 +774,21 @@ def test_thesis_variant_defaults_to_the_study_class_weights():
     assert train._class_weight_default("thesis", cdata.SIPAKMED_CLASSES) == "thesis"
     assert train._class_weight_default("standard", cdata.SIPAKMED_CLASSES) == "train"
     assert train._class_weight_default("thesis", ("normal", "abnormal")) == "train"
+
+
+def test_streamed_batches_equal_in_memory_batches_and_release_pages(tiny_prepared):
+    """The same epoch from the memory-mapped cache and from the array in memory: identical
+    batches; and after read_rows the mapped pages are no longer counted in this process."""
+    from cervical import pipeline
+
+    mem = data.load_split(tiny_prepared, "train")
+    mapped = data.load_split(tiny_prepared, "train", mmap=True, masks=False)
+    assert isinstance(mapped.x, np.memmap) and mapped.masks is None
+    a = list(pipeline.make_train_dataset(mem.x, mem.y, 8, seed=3, epochs=(0, 1)))
+    b = list(pipeline.make_train_dataset(mapped.x, mapped.y, 8, seed=3, epochs=(0, 1)))
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+    rows = pipeline.read_rows(mapped.x, np.array([3, 0, 5]))
+    np.testing.assert_array_equal(rows, mem.x[[3, 0, 5]])
