@@ -395,7 +395,7 @@ def _eval_cells(config: dict, data: Path, split: str) -> _EvalCells:
     from cervical import data as cdata
 
     info = cdata.read_info(data)
-    part = cdata.load_split(data, split)
+    part = cdata.load_split(data, split, mmap=True, masks=False)   # read a batch at a time
     names = list(part.class_names)
     y = np.asarray(part.y, dtype=np.int64)
     run_names = config.get("class_names")
@@ -409,7 +409,8 @@ def _eval_cells(config: dict, data: Path, split: str) -> _EvalCells:
     keep = ~np.asarray(part.augmented, dtype=bool)
     if not keep.any():
         raise ReportError(f"--split {split}: only augmented copies in {data}; choose another split")
-    return _EvalCells(part.x[keep], y[keep], [p for p, k in zip(part.paths, keep) if k],
+    x = part.x if keep.all() else part.x[keep]      # only "train" / "all" hold augmented copies
+    return _EvalCells(x, y[keep], [p for p, k in zip(part.paths, keep) if k],
                       [g for g, k in zip(part.groups, keep) if k], names, info, int((~keep).sum()))
 
 

@@ -715,10 +715,12 @@ def predict_proba(model: keras.Model, x, batch_size: int = 64, progress=None) ->
     """
     import numpy as np
 
+    from cervical.pipeline import read_rows
+
     n = int(len(x))
     out = []
-    for start in range(0, n, int(batch_size)):
-        batch = np.asarray(x[start:start + batch_size], dtype=np.float32)
+    for start in range(0, n, int(batch_size)):      # a mapped x is read a batch at a time
+        batch = read_rows(x, slice(start, start + batch_size)).astype(np.float32)
         y = model.predict_on_batch(batch)
         out.append(np.asarray(y.numpy() if hasattr(y, "numpy") else y, dtype=np.float64))
         if progress is not None:
