@@ -569,7 +569,7 @@ def _split_target(model: Any, config: dict, run_dir, split: str, per_class: int,
     if ddir is None:
         raise ExplainError(f"--run {run_dir}: config.json names no data_dir; pass --data DIR "
                            f"(the prepared dataset)")
-    part = data.load_split(ddir, split)
+    part = data.load_split(ddir, split, mmap=True)       # read a batch at a time
     class_names = list(config.get("class_names") or info.get("class_names") or part.class_names)
     mismatch = models.input_size_mismatch(model, part.x, ddir)
     if mismatch:
