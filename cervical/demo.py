@@ -286,6 +286,8 @@ def format_demo(result: Dict[str, Any]) -> str:
                  + f"; total {total:.0f} s")
     lines.append(f"explanations: {result['explain_dir']}")
     lines.append(f"report: {result['report']}")
+    lines.append(f"open in a browser: {Path(result['explain_dir']) / 'index.html'} (every "
+                 f"explained cell) and {Path(result['report']).with_name('report.html')}")
     return "\n".join(lines)
 
 

@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from cervical import cams, files, xai_eval
+from cervical import cams, files, gallery, xai_eval
 
 __all__ = ["ExplainError", "METHODS", "CAM_METHODS", "TITLES", "Cell", "parse_methods",
            "load_run", "choose_cam_layer", "select_cells", "load_images", "compute_maps",
@@ -500,6 +500,9 @@ def explain_run(run_dir: Union[str, os.PathLike], split: str = "test",
                                 dict(lime_samples=lime_samples, lime_segments=lime_segments,
                                      max_n=max_n), progress)
             written += ["xai_metrics.json", "xai_metrics.md", "xai_curves.png"]
+        gallery.write_explain_gallery(stage, f"Explanations: {Path(run_dir).name}, "
+                                             f"{target.context}")
+        written.append("index.html")
     return {"out_dir": str(final), "files": written, "cells": records, "layer": cam_layer,
             "metrics": metrics,
             "explained_class": "predicted" if fixed is None else target.class_names[fixed]}

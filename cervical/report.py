@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cervical import files
+from cervical import files, gallery
 from cervical.evaluation import (  # noqa: F401  (re-exported: eval's functions, as before)
     AGG_METRICS, EVAL_FILES, MODEL_LABELS, REGIMES, SPLITS, Progress, ReportError, _fmt, _fmt_pm,
     _finite, _fold_of, _load_model, _md_table, _pct, _read_config, _slug, _tex, _tex_table,
@@ -445,6 +445,7 @@ def _write_report(out: Path, split: str, records: List[dict], groups: List[dict]
     md += _explanations_section(records, split)
     files.write_json(out / "report.json", _report_json(split, records, groups, created))
     files.write_text(out / "report.md", "\n".join(md))
+    gallery.write_report_page(out)                        # report.html: the same, as a page
 
 
 def _collect_runs(run_dirs: Sequence[os.PathLike], split: str, evaluate_missing: bool,

@@ -115,8 +115,13 @@ def test_explain_run_writes_every_listed_file(tiny_run, explained):
     out = Path(res["out_dir"])
     assert out == tiny_run / "explain" / "test"
     for name in ("cams_correct.png", "cams_wrong.png", "lime_correct.png", "lime_wrong.png", "maps.npz",
-                 "cells.json", "xai_metrics.json", "xai_metrics.md", "xai_curves.png"):
+                 "cells.json", "xai_metrics.json", "xai_metrics.md", "xai_curves.png",
+                 "index.html"):
         assert (out / name).is_file() and name in res["files"], name
+    page = (out / "index.html").read_text()
+    for c in res["cells"]:                                 # every explained cell is on the page
+        for f in c.get("files", {}).values():
+            assert f in page
     for f in res["files"]:
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     real = [c for c in res["cells"] if c["index"] >= 0]

@@ -301,6 +301,8 @@ def test_cli_eval_and_report(tiny_run, tmp_path, capsys):
     assert "accuracy 0.7500" in capsys.readouterr().out
     assert cli.main(["report", "--runs", str(tiny_run), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.md").is_file()
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table>" in page and "http" not in page
     capsys.readouterr()
     assert cli.main(["eval", "--run", str(tmp_path)]) == 2                   # no model.keras
     err = capsys.readouterr().err.strip().splitlines()
