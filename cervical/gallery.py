@@ -161,7 +161,9 @@ def _cell_entries(cells_json: dict, maps: Optional[Dict[str, np.ndarray]]) -> Li
             if name == "image":
                 continue
             m = {"name": name, "file": file, "grid": None}
-            raw = None if maps is None else maps.get(f"map_{name}")
+            key = "lime" if name.startswith("lime") else name     # both LIME renders, one map
+            raw = None if maps is None else maps.get("map_" + re.sub(r"[^a-z0-9]+", "_",
+                                                                     key.replace("++", "_pp")))
             if raw is not None and j < len(raw):
                 m.update(grid=map_grid(raw[j]), max=float(np.max(raw[j])),
                          mean=float(np.mean(raw[j])))

@@ -42,7 +42,7 @@ def test_markdown_html_known_output():
 CELLS = [("A", "A", "correct", 0.99), ("A", "B", "wrong", 0.70), ("B", "B", "correct", 0.95),
          ("B", "B", "correct", 0.60), ("B", "A", "wrong", 0.55), ("C", "C", "correct", 0.90),
          ("C", "A", "wrong", 0.80)]
-METHODS = ("gradcam", "lime_pros_cons")
+METHODS = ("gradcam", "gradcam++", "lime_pros_cons")
 
 
 def _explain_folder(root: Path) -> Path:
@@ -59,7 +59,8 @@ def _explain_folder(root: Path) -> Path:
         maps.append(rng.random((32, 32)))
     (root / "cells.json").write_text(json.dumps({"context": "test split", "layer": "feat",
                                                  "cells": records}))
-    np.savez(root / "maps.npz", map_gradcam=np.array(maps))
+    np.savez(root / "maps.npz", map_gradcam=np.array(maps), map_gradcam_pp=np.array(maps),
+             map_lime=np.array(maps))               # explain's keys: slugs, one LIME map
     (root / "xai_metrics.md").write_text("# XAI evaluation\n\n| method | score |\n|---|---|\n"
                                          "| gradcam | 0.5 |\n")
     gallery.write_explain_gallery(root, "Explanations: test")
@@ -117,7 +118,7 @@ def test_gallery_in_a_real_browser(browser, tmp_path):
         "Promise.all(imgs.map(i => i.complete ? 0 : new Promise(r => {i.onload = i.onerror = r;})))"
         ".then(() => done())")
     widths = browser.execute_script("return [...document.images].map(i => i.naturalWidth)")
-    assert len(widths) == len(CELLS) * 3 and min(widths) > 0
+    assert len(widths) == len(CELLS) * (1 + len(METHODS)) and min(widths) > 0
     klass, kind = Select(browser.find_element("id", "f-class")), Select(browser.find_element("id", "f-kind"))
     for value, want in (("A", 2), ("B", 3), ("C", 2)):
         klass.select_by_value(value)
@@ -138,8 +139,8 @@ def test_gallery_in_a_real_browser(browser, tmp_path):
     browser.find_element("id", "cell-2").click()
     detail = browser.find_element("id", "detail")
     assert detail.is_displayed() and "img2.png" in detail.text
-    assert len(detail.find_elements("css selector", "table.grid")) == 1          # gradcam's map
-    assert len(detail.find_elements("css selector", "table.grid td")) == 16 * 16
+    assert len(detail.find_elements("css selector", "table.grid")) == len(METHODS)  # every map
+    assert len(detail.find_elements("css selector", "table.grid td")) == len(METHODS) * 16 * 16
     assert "XAI evaluation" in browser.page_source
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
