@@ -257,30 +257,42 @@ def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def _pool_map(fn, jobs, workers, progress, label):
-    """Map ``fn`` over ``jobs`` in order, in worker processes when workers > 1, reporting progress."""
+def _pool_each(fn, jobs, workers, progress, label, take) -> None:
+    """``take(k, fn(jobs[k]))`` for every job, in order, as the results arrive.
+
+    Jobs go to the worker processes a window at a time (two windows in flight, so the workers
+    never wait for the next one), and each result is handed over and dropped before the next is
+    kept: what is held is bounded by the window, not by the number of jobs.
+    """
+    import itertools
     import multiprocessing as mp
     import sys
 
     total = len(jobs)
-    out = []
 
     def done(i: int) -> None:
         if i % 200 == 0 or i == total:
             files.report_progress(progress, label, i, total)
 
     if workers <= 1 or total < 64:
-        for i, job in enumerate(jobs, 1):
-            out.append(fn(job))
-            done(i)
-        return out
+        for k, job in enumerate(jobs):
+            take(k, fn(job))
+            done(k + 1)
+        return
+    window = 64 * workers
     # fork is fastest, but unsafe once TensorFlow has started threads in this process.
     ctx = mp.get_context("spawn" if "tensorflow" in sys.modules else "fork")
     with ctx.Pool(workers) as pool:
-        for i, res in enumerate(pool.imap(fn, jobs, chunksize=16), 1):
-            out.append(res)
-            done(i)
-    return out
+        starts = range(0, total, window)
+        running = [pool.imap(fn, jobs[starts[0]:starts[0] + window], chunksize=16)]
+        k = 0
+        for start in itertools.chain(starts[1:], [None]):
+            if start is not None:            # queue the next window before draining this one
+                running.append(pool.imap(fn, jobs[start:start + window], chunksize=16))
+            for result in running.pop(0):
+                take(k, result)
+                k += 1
+                done(k)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,8 +454,8 @@ class _Cells:
     """The decoded dataset: one entry per readable cell, sorted by (source class, stem, path)."""
 
     records: List[Record]
-    images: np.ndarray                # uint8 (N, size, size, 3)
-    masks: Optional[np.ndarray]       # uint8 (N, size, size), or None when any cell lacks one
+    images: files.RowFile             # uint8 (N, size, size, 3), on disk in the staging folder
+    masks: Optional[files.RowFile]    # uint8 (N, size, size), or None when any cell lacks one
     widths: List[int]                 # raw sizes, for the size analysis
     heights: List[int]
     labels: np.ndarray                # int64 (N,) task labels
@@ -454,16 +466,42 @@ class _Cells:
 
 @dataclasses.dataclass
 class ManifestRow:
-    """One image of a prepared split: one line of manifest.csv, its pixels and its mask."""
+    """One image of a prepared split: one line of manifest.csv, and where its pixels are (row
+    ``index`` of the decoded cells, or of the augmented copies when ``augmented``)."""
 
-    image: np.ndarray
+    index: int
     label: int
     stem: str
     group: str
     source: str                       # the raw file, relative to the raw folder
     source_class: str
     augmented: bool
-    mask: Optional[np.ndarray]
+
+
+@dataclasses.dataclass
+class _Copies:
+    """The augmented copies of the training cells, on disk: cell index -> (first row, names)."""
+
+    images: Optional[files.RowFile]
+    masks: Optional[files.RowFile]
+    rows: Dict[int, Tuple[int, List[str]]]
+
+
+class _SplitView:
+    """The pixels (or masks) of one split's rows, read from the cell and copy files on demand."""
+
+    def __init__(self, rows: List[ManifestRow], cells: Optional[files.RowFile],
+                 copies: Optional[files.RowFile]):
+        self.rows, self.cells, self.copies = rows, cells, copies
+        self.shape = (len(rows),) + cells.row_shape
+        self.dtype = cells.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i) -> np.ndarray:
+        r = self.rows[int(i)]
+        return (self.copies if r.augmented else self.cells)[r.index]
 
 
 #: How each prepare option is set by default (ours) and by the study's code (variant "thesis"):
@@ -601,21 +639,33 @@ def _prepare_into(stage: Path, out: Path, opts: PrepareOptions) -> dict:
     """Every step of ``prepare``, written into the staging folder ``stage``."""
     raw = _raw_source(stage, out, opts)
     records, class_names, task_name, cmap = _read_records(raw, opts)
-    _check_memory(len(records), opts)
-    cells = _decode_cells(records, class_names, raw, opts)
+    _check_disk(len(records), stage, out, opts)
+    work = Path(tempfile.mkdtemp(prefix=".rows-", dir=stage))
+    try:
+        return _prepare_rows(stage, work, raw, records, class_names, task_name, cmap, opts)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare_rows(stage: Path, work: Path, raw: _RawSource, records: List[Record],
+                  class_names: List[str], task_name: str, cmap, opts: PrepareOptions) -> dict:
+    """Decode, analyse, split, augment and write, one cell at a time: the decoded cells and their
+    augmented copies go to row files in ``work`` (deleted afterwards), so memory does not grow
+    with the dataset."""
+    cells = _decode_cells(records, class_names, raw, opts, work)
     sizes = size_analysis(cells.widths, cells.heights)
     save_dataset_figures(stage / "analysis", cells.widths, cells.heights, cells.labels,
                          class_names, cells.images, opts.seed)
     files.write_json(stage / "analysis" / "size_analysis.json", sizes)
     info = _dataset_info(raw, opts, task_name, cmap, sizes, cells)
     assignments, designs = _assign_splits(cells, opts)
-    copies = _augment_train(cells, assignments, opts)
+    copies = _augment_train(cells, assignments, opts, work)
     fold_infos = []
     for k, assign in enumerate(assignments):
         target = stage / f"fold_{k}" if opts.folds else stage
-        splits = {s: _split_rows(cells, assign == s, copies if s == "train" else {}, raw)
+        splits = {s: _split_rows(cells, assign == s, copies.rows if s == "train" else {}, raw)
                   for s in SPLITS}
-        write_prepared(target, {s: _rows_to_arrays(r, cells.masks is not None)
+        write_prepared(target, {s: _rows_to_arrays(r, cells, copies)
                                 for s, r in splits.items() if r}, class_names,
                        dict(info, fold=k if opts.folds else None, folds=opts.folds or None,
                             group_overlap=_group_overlap(assign, cells.groups),
@@ -626,33 +676,35 @@ def _prepare_into(stage: Path, out: Path, opts: PrepareOptions) -> dict:
     return _prepare_summary(stage, fold_infos, info, class_names, cells, opts)
 
 
-def prepare_memory_estimate(n_cells: int, size: int, augment: int) -> float:
-    """Bytes ``prepare`` holds at its peak for ``n_cells`` cells: every image and mask of the
-    dataset (4 bytes per pixel) with the augmented copies of the training share (0.64), twice
-    (the decoded cells and the split arrays written to the cache), plus 0.3 GB for the libraries.
-    On the full SIPaKMeD size at 110 px x7 this gives 2.07 GB; measured: 2.25 GB."""
-    return 2.0 * n_cells * size * size * 4 * (1 + 0.64 * augment) + 0.3 * 1024 ** 3
+def prepare_disk_estimate(n_cells: int, size: int, augment: int, folds: int = 0,
+                          save_images: bool = True) -> float:
+    """Bytes ``prepare`` writes at its peak for ``n_cells`` cells, an upper bound: every image and
+    mask (4 bytes per pixel) with the augmented copies of the training share (0.64 of the cells),
+    once in the row files of the decoded cells and their copies and once in the array cache of
+    each fold (one without --folds), and once more as PNG files (at most their raw size) when
+    images are saved. Memory no longer grows with the dataset (the rows are on disk); disk does."""
+    once = n_cells * size * size * 4 * (1 + 0.64 * augment)
+    return once * (1 + max(1, folds) * (2 if save_images else 1))
 
 
-def available_memory() -> Optional[float]:
-    """Bytes the system can still give a process (Linux: MemAvailable), None where unknown."""
+def free_disk(folder: os.PathLike) -> Optional[float]:
+    """Bytes free on the file system holding ``folder``, None where unknown."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
+        return float(shutil.disk_usage(folder).free)
     except OSError:
         return None
-    return None
 
 
-def _check_memory(n_cells: int, opts: "PrepareOptions") -> None:
-    """Stop in one line before decoding when the arrays would not fit in memory."""
-    need, have = prepare_memory_estimate(n_cells, opts.size, opts.augment), available_memory()
+def _check_disk(n_cells: int, stage: Path, out: Path, opts: "PrepareOptions") -> None:
+    """Stop in one line before decoding when the output would not fit on the disk."""
+    need = prepare_disk_estimate(n_cells, opts.size, opts.augment, opts.folds, opts.save_images)
+    have = free_disk(stage)
     if have is not None and need > have:
         gb = 1024 ** 3
-        raise DataError(f"--size {opts.size} --augment {opts.augment}: preparing {n_cells} cells "
-                        f"needs about {need / gb:.1f} GB of memory and {have / gb:.1f} GB are "
-                        f"available; lower --size or --augment, or prepare the data in parts")
+        raise DataError(f"--out {out}: preparing {n_cells} cells at --size {opts.size} "
+                        f"--augment {opts.augment} writes up to {need / gb:.1f} GB and "
+                        f"{have / gb:.1f} GB are free there; free space, choose another --out, "
+                        f"or lower --size or --augment (--no-images saves the PNG copies)")
 
 
 def _raw_source(stage: Path, out: Path, opts: PrepareOptions) -> _RawSource:
@@ -698,35 +750,46 @@ def _read_records(raw: _RawSource, opts: PrepareOptions):
 
 
 def _decode_cells(records: List[Record], class_names: List[str], raw: _RawSource,
-                  opts: PrepareOptions) -> _Cells:
-    """Decode, mask and resize every record (in parallel, in a fixed order); skip unreadable ones."""
+                  opts: PrepareOptions, work: Path) -> _Cells:
+    """Decode, mask and resize every record (in parallel, in a fixed order) into row files in
+    ``work``, one cell at a time; skip unreadable ones."""
     jobs = [(r, opts.size, opts.resize, opts.interpolation, opts.jpeg_quality, raw.data_dir)
             for r in records]
-    results = _pool_map(_load_record, jobs, opts.workers, opts.progress, "decode+resize")
-    fatal = [msg for status, msg in results if status == "fatal"]
-    if fatal:
-        raise DataError(fatal[0])
-    skipped = [(r, msg) for r, (status, msg) in zip(records, results) if status == "skip"]
-    keep = [i for i, (status, _) in enumerate(results) if status == "ok"]
-    if not keep:
+    images = files.RowFile(work / "cells_x.u8", (opts.size, opts.size, 3))
+    masks = files.RowFile(work / "cells_masks.u8", (opts.size, opts.size))
+    kept, skipped, without, widths, heights = [], [], [], [], []
+
+    def take(k: int, result) -> None:
+        status, payload = result
+        if status == "fatal":
+            raise DataError(payload)
+        if status == "skip":
+            skipped.append((records[k], payload))
+            return
+        image, mask, (width, height) = payload
+        kept.append(records[k])
+        images.append(image)
+        masks.append(np.zeros(masks.row_shape, np.uint8) if mask is None else mask)
+        if mask is None:
+            without.append(records[k].path)
+        widths.append(width)
+        heights.append(height)
+
+    _pool_each(_load_record, jobs, opts.workers, opts.progress, "decode+resize", take)
+    if not kept:
         raise DataError(f"--data-dir {raw.data_dir}: none of the {len(records)} images could be "
                         f"read (first: {skipped[0][1]})")
-    records = [records[i] for i in keep]
-    payload = [results[i][1] for i in keep]            # (image, mask, (width, height))
-    masks_list = [p[1] for p in payload]
-    without = [r.path for r, m in zip(records, masks_list) if m is None]
-    labels = np.array([class_names.index(r.class_name) for r in records], dtype=np.int64)
+    labels = np.array([class_names.index(r.class_name) for r in kept], dtype=np.int64)
     missing = [c for i, c in enumerate(class_names) if i not in set(labels.tolist())]
     if missing:
         raise DataError(f"--data-dir {raw.data_dir}: class {missing[0]} has no readable image; "
                         f"fix its files or remove the folder")
     # masks are all-or-nothing (one array per split); say so when a few cells cost them all
-    return _Cells(records=records, images=np.stack([p[0] for p in payload]),
-                  masks=None if without else np.stack(masks_list),
-                  widths=[p[2][0] for p in payload], heights=[p[2][1] for p in payload],
-                  labels=labels, groups=np.array([r.group for r in records]), skipped=skipped,
+    return _Cells(records=kept, images=images, masks=None if without else masks,
+                  widths=widths, heights=heights, labels=labels,
+                  groups=np.array([r.group for r in kept]), skipped=skipped,
                   masks_dropped=(len(without), str(without[0]))
-                  if 0 < len(without) < len(records) else None)
+                  if 0 < len(without) < len(kept) else None)
 
 
 def _dataset_info(raw: _RawSource, opts: PrepareOptions, task_name: str, cmap, sizes: dict,
@@ -785,54 +848,85 @@ def _assign_splits(cells: _Cells, opts: PrepareOptions
     return out, designs
 
 
-def _augment_train(cells: _Cells, assignments: List[np.ndarray], opts: PrepareOptions
-                   ) -> Dict[int, list]:
-    """{cell index: augmented copies} for every cell that is in train in some fold.
+def _augment_train(cells: _Cells, assignments: List[np.ndarray], opts: PrepareOptions,
+                   work: Path) -> _Copies:
+    """The augmented copies of every cell that is in train in some fold, written to row files in
+    ``work`` as they are made.
 
     A cell's copies depend only on (seed, class, stem), so the same cell gets the same copies
     whatever the split or fold.
     """
     if not opts.augment:
-        return {}
+        return _Copies(None, None, {})
     train_union = sorted({i for a in assignments for i in np.flatnonzero(a == "train")})
     raw = opts.augment_at == "raw"
     fill = 0 if opts.fill == "black" else "border"
-    jobs = [(cells.records[i] if raw else cells.images[i],
-             None if cells.masks is None or raw else cells.masks[i], opts.augment,
-             [opts.seed, _stable_int(f"{cells.records[i].source_class}/{cells.records[i].stem}")],
-             fill, opts.augment_order, opts.jpeg_quality,
-             (opts.size, opts.resize, opts.interpolation) if raw else None)
-            for i in train_union]
-    copies = _pool_map(_augment_job, jobs, opts.workers, opts.progress, f"augment x{opts.augment}")
-    return dict(zip(train_union, copies))
+    copies = _Copies(files.RowFile(work / "copies_x.u8", cells.images.row_shape),
+                     None if cells.masks is None
+                     else files.RowFile(work / "copies_masks.u8", cells.masks.row_shape), {})
+    jobs = _LazyJobs(lambda i: (
+        cells.records[i] if raw else cells.images[i],
+        None if cells.masks is None or raw else cells.masks[i], opts.augment,
+        [opts.seed, _stable_int(f"{cells.records[i].source_class}/{cells.records[i].stem}")],
+        fill, opts.augment_order, opts.jpeg_quality,
+        (opts.size, opts.resize, opts.interpolation) if raw else None), train_union)
+
+    def take(k: int, made: list) -> None:
+        i = train_union[k]
+        copies.rows[i] = (len(copies.images), [name for _, _, name in made])
+        for image, aug_mask, _ in made:
+            copies.images.append(image)
+            if copies.masks is not None:
+                copies.masks.append(cells.masks[i] if aug_mask is None else aug_mask)
+
+    _pool_each(_augment_job, jobs, opts.workers, opts.progress, f"augment x{opts.augment}", take)
+    return copies
 
 
-def _split_rows(cells: _Cells, member: np.ndarray, copies: Dict[int, list], raw: _RawSource
-                ) -> List[ManifestRow]:
+class _LazyJobs:
+    """``[make(i) for i in items]``, made only when a slice or an item is asked for (the jobs
+    of the augmentation carry a whole image each)."""
+
+    def __init__(self, make, items: Sequence[int]):
+        self.make, self.items = make, list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self.make(i) for i in self.items[key]]
+        return self.make(self.items[key])
+
+    def __iter__(self):
+        return (self.make(i) for i in self.items)
+
+
+def _split_rows(cells: _Cells, member: np.ndarray, copies: Dict[int, Tuple[int, List[str]]],
+                raw: _RawSource) -> List[ManifestRow]:
     """The rows of one split: each member cell, followed by its augmented copies (train only)."""
     rows = []
     for i in np.flatnonzero(member):
         r = cells.records[i]
-        mask = None if cells.masks is None else cells.masks[i]
-        common = dict(label=int(cells.labels[i]), group=r.group, source=_relative(r.path, raw.data_dir),
-                      source_class=r.source_class)
-        rows.append(ManifestRow(image=cells.images[i], stem=r.stem, augmented=False, mask=mask,
-                                **common))
-        for j, (image, aug_mask, group_name) in enumerate(copies.get(i, [])):
-            rows.append(ManifestRow(image=image, stem=f"{r.stem}_aug{j}_{group_name}",
-                                    augmented=True,
-                                    mask=None if mask is None else
-                                    (aug_mask if aug_mask is not None else mask), **common))
+        common = dict(label=int(cells.labels[i]), group=r.group,
+                      source=_relative(r.path, raw.data_dir), source_class=r.source_class)
+        rows.append(ManifestRow(index=int(i), stem=r.stem, augmented=False, **common))
+        first, names = copies.get(i, (0, []))
+        for j, group_name in enumerate(names):
+            rows.append(ManifestRow(index=first + j, stem=f"{r.stem}_aug{j}_{group_name}",
+                                    augmented=True, **common))
     return rows
 
 
-def _rows_to_arrays(rows: List[ManifestRow], with_masks: bool) -> dict:
-    """ManifestRows -> the column arrays ``write_prepared`` takes."""
-    return dict(x=np.stack([r.image for r in rows]), y=np.array([r.label for r in rows]),
+def _rows_to_arrays(rows: List[ManifestRow], cells: _Cells, copies: _Copies) -> dict:
+    """ManifestRows -> the columns ``write_prepared`` takes (pixels and masks as views that read
+    the row files on demand)."""
+    return dict(x=_SplitView(rows, cells.images, copies.images), y=np.array([r.label for r in rows]),
                 stems=[r.stem for r in rows], groups=[r.group for r in rows],
                 sources=[r.source for r in rows], source_classes=[r.source_class for r in rows],
                 augmented=np.array([r.augmented for r in rows]),
-                masks=np.stack([r.mask for r in rows]) if with_masks else None)
+                masks=None if cells.masks is None
+                else _SplitView(rows, cells.masks, copies.masks))
 
 
 def _write_skipped(stage: Path, skipped: List[Tuple[Record, str]], raw: _RawSource) -> None:

@@ -290,6 +290,72 @@ RUN_CONFIG_TYPES = {"class_names": list, "data_dir": str, "model": str, "regime"
                     "seed": int, "loss": str, "split_protocol": str, "heldout_signature": str}
 
 
+class RowFile:
+    """Equal-shaped rows appended to a plain binary file and read back one at a time.
+
+    The rows live on disk (and in the operating system's file cache), not in the process: a
+    step that passes over a dataset larger than memory holds one row, not the dataset.
+    ``prepare`` keeps its decoded cells and their augmented copies in two of these.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], row_shape: Sequence[int], dtype=np.uint8):
+        self.path = Path(path)
+        self.row_shape = tuple(int(d) for d in row_shape)
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def shape(self) -> tuple:
+        return (self._n,) + self.row_shape
+
+    def append(self, row: np.ndarray) -> int:
+        """Write ``row`` after the last one; returns its index."""
+        row = np.ascontiguousarray(row, dtype=self.dtype)
+        if row.shape != self.row_shape:
+            raise ValueError(f"{self.path.name}: a row of shape {row.shape}, expected "
+                             f"{self.row_shape}")
+        os.pwrite(self._fd, row.tobytes(), self._n * self.row_bytes)
+        self._n += 1
+        return self._n - 1
+
+    def __getitem__(self, i) -> np.ndarray:
+        i = int(i)
+        if not -self._n <= i < self._n:
+            raise IndexError(f"row {i} of {self._n}")
+        data = os.pread(self._fd, self.row_bytes, (i % self._n) * self.row_bytes)
+        return np.frombuffer(bytearray(data), dtype=self.dtype).reshape(self.row_shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        self.close()
+
+
+def save_npy_rows(path: Union[str, os.PathLike], rows, chunk: int = 256) -> Path:
+    """Write ``rows`` (anything with ``shape``, ``dtype``, ``len`` and integer indexing: an array,
+    a RowFile, a lazy view) as one ``.npy`` file atomically, ``chunk`` rows at a time; the bytes
+    are those ``np.save`` writes for the same array, without the whole array in memory."""
+    shape = tuple(int(d) for d in rows.shape)
+    dtype = np.dtype(rows.dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": shape}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, shape[0], chunk):
+            block = np.stack([np.asarray(rows[i], dtype=dtype)
+                              for i in range(start, min(start + chunk, shape[0]))])
+            f.write(np.ascontiguousarray(block).tobytes())
+    return Path(path)
+
+
 def read_run_config(run: Union[str, os.PathLike], required: bool = False) -> dict:
     """A run folder's config.json, checked: {} when absent (unless ``required``).
 

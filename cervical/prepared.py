@@ -172,6 +172,8 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
         out_dir: destination; must not exist or be empty (``prepare`` handles --overwrite).
         splits: {"train"|"val"|"test": dict(x=uint8 (N,H,W,3), y=int (N,), and optionally
             paths/stems, groups, sources, source_classes, augmented (bool N), masks (uint8 N,H,W))}.
+            ``x`` and ``masks`` may also be row sequences (``shape``, ``dtype``, integer
+            indexing; e.g. ``files.RowFile``): they are written a chunk of rows at a time.
         class_names: names of label ids 0..K-1.
         info: extra keys for dataset.json (task, dataset, split protocol, seed, ...).
         save_images: also write every image (and mask) as PNG next to the cache.
@@ -193,22 +195,22 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
         if s is None or len(s["y"]) == 0:
             counts[split] = {c: 0 for c in class_names}
             continue
-        x = np.ascontiguousarray(s["x"], dtype=np.uint8)
+        x = _rows(s["x"])
         y = np.asarray(s["y"], dtype=np.int64)
         n = len(y)
-        if x.ndim != 4 or x.shape[0] != n or x.shape[-1] != 3:
+        if len(x.shape) != 4 or x.shape[0] != n or x.shape[-1] != 3:
             raise DataError(f"write_prepared: split '{split}' x must be (N,H,W,3) with N={n}")
-        masks = s.get("masks")
+        masks = None if s.get("masks") is None else _rows(s["masks"])
         has_masks &= masks is not None
         stems = list(s.get("stems") or [f"{split}_{i:05d}" for i in range(n)])
         groups = list(s.get("groups") or stems)
         sources = list(s.get("sources") or [""] * n)
         src_cls = list(s.get("source_classes") or [class_names[int(c)] for c in y])
         aug = np.zeros(n, bool) if s.get("augmented") is None else np.asarray(s["augmented"], bool)
-        np.save(out / "cache" / f"{split}_x.npy", x)
+        files.save_npy_rows(out / "cache" / f"{split}_x.npy", x)
         np.save(out / "cache" / f"{split}_y.npy", y)
         if masks is not None:
-            np.save(out / "cache" / f"{split}_masks.npy", np.asarray(masks, dtype=np.uint8))
+            files.save_npy_rows(out / "cache" / f"{split}_masks.npy", masks)
         counts[split] = {c: int((y == i).sum()) for i, c in enumerate(class_names)}
         originals[split] = int((~aug).sum())
         for i in range(n):
@@ -221,8 +223,7 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
                 files.save_png(out / rel, x[i], compress_level=1)
                 if masks is not None:
                     (out / mrel).parent.mkdir(parents=True, exist_ok=True)
-                    files.save_png(out / mrel, np.asarray(masks[i], dtype=np.uint8),
-                                   compress_level=1)
+                    files.save_png(out / mrel, masks[i], compress_level=1)
             rows.append({"path": rel, "class_name": cname, "label": int(y[i]), "group": groups[i],
                          "split": split, "source": sources[i], "augmented": int(bool(aug[i])),
                          "source_class": src_cls[i], "stem": stems[i], "mask": mrel})
@@ -233,10 +234,19 @@ def write_prepared(out_dir: os.PathLike, splits: Dict[str, dict], class_names: S
             "has_masks": bool(has_masks and rows)}
     any_x = next((splits[s]["x"] for s in SPLITS if s in splits and len(splits[s]["y"])), None)
     if any_x is not None:
-        meta["image_size"] = int(np.asarray(any_x).shape[1])
+        meta["image_size"] = int(_rows(any_x).shape[1])
     meta.update(info or {})
     meta.setdefault("versions", files.library_versions())
     files.write_json(out / "dataset.json", meta)
+
+
+def _rows(x):
+    """``x`` as rows ``write_prepared`` can index: arrays as uint8 arrays, row sequences as they are."""
+    if hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, np.ndarray):
+        if np.dtype(x.dtype) != np.uint8:
+            raise DataError(f"write_prepared: rows of {x.dtype}, expected uint8")
+        return x
+    return np.asarray(x, dtype=np.uint8)
 
 
 def _png_name(stem: str, source_class: str, class_name: str) -> str:

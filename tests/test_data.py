@@ -686,13 +686,39 @@ def test_too_small_for_a_grouped_split_says_what_is_short_and_is_true(tmp_path):
     assert sum(s["totals"].values()) == 14
 
 
-def test_prepare_says_before_decoding_when_memory_will_not_suffice(tmp_path, monkeypatch):
-    """The estimate by hand: 2 x 150 cells x 16^2 px x 4 bytes x (1 + 0.64 x 2) + 0.3 GB; with
-    1 MB available, prepare stops in one line naming --size and --augment, and writes nothing."""
-    est = data.prepare_memory_estimate(150, 16, 2)
-    assert est == pytest.approx(2 * 150 * 256 * 4 * (1 + 1.28) + 0.3 * 1024 ** 3)
-    monkeypatch.setattr(data, "available_memory", lambda: 1024.0 ** 2)
-    with pytest.raises(data.DataError, match=r"--size 16 --augment 2: .* needs about .* GB"):
+def test_prepare_says_before_decoding_when_the_disk_will_not_hold_it(tmp_path, monkeypatch):
+    """The estimate by hand: 150 cells x 16^2 px x 4 bytes x (1 + 0.64 x 2), once in the row files
+    and twice per fold (cache + PNGs; 3 folds), and once per fold without PNGs; with 1 kB free,
+    prepare stops in one line naming --out, --size and --augment, and writes nothing."""
+    once = 150 * 256 * 4 * (1 + 0.64 * 2)
+    assert data.prepare_disk_estimate(150, 16, 2) == pytest.approx(once * 3)
+    assert data.prepare_disk_estimate(150, 16, 2, folds=3) == pytest.approx(once * 7)
+    assert data.prepare_disk_estimate(150, 16, 2, save_images=False) == pytest.approx(once * 2)
+    monkeypatch.setattr(data, "free_disk", lambda folder: 1024.0)
+    with pytest.raises(data.DataError, match=r"^--out .*p: preparing 150 cells at --size 16 "
+                                             r"--augment 2 writes up to .* GB"):
         data.prepare(dataset="synthetic", out=tmp_path / "p", per_class=30, size=16, augment=2,
                      save_images=False)
-    assert not (tmp_path / "p").exists()
+    assert not (tmp_path / "p").exists() and not list(tmp_path.iterdir())
+
+
+def test_prepare_streams_in_windows_with_the_same_bytes_as_one_process(tmp_path):
+    """300 cells x 2 copies through two worker processes (windows of 128 jobs, so several
+    windows, each queued before the last is drained) give the same cache, manifest and PNGs, byte
+    for byte, as one process; the row files of the staging folder are gone afterwards."""
+    kw = dict(per_class=60, size=16, augment=2, seed=3)
+    data.prepare("synthetic", None, tmp_path / "one", workers=1, **kw)
+    data.prepare("synthetic", None, tmp_path / "two", workers=2, **kw)
+
+    def contents(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name != "dataset.json" and "raw" not in p.parts}
+
+    one, two = contents(tmp_path / "one"), contents(tmp_path / "two")
+    assert len(one) > 900 and one.keys() == two.keys() and one == two
+    assert not [p for p in (tmp_path / "two").rglob("*.u8")]
+    assert data.read_info(tmp_path / "two")["totals"]["train"] == 3 * len(
+        [r for r in data.read_manifest(tmp_path / "two")
+         if r["split"] == "train" and r["augmented"] == "0"])
+
+

@@ -93,3 +93,39 @@ def test_sigkill_leaves_the_previous_output_and_no_stuck_lock(tmp_path):
         (stage / "metrics.json").write_text("new")
     assert (out / "metrics.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "killed.py"]
+
+
+def test_row_file_reads_back_what_was_appended(tmp_path):
+    """Rows come back by index (negative too) exactly as written, writable copies, and a row of
+    the wrong shape or an index past the end is refused."""
+    rows = np.arange(5 * 2 * 3, dtype=np.uint8).reshape(5, 2, 3) * 7
+    store = files.RowFile(tmp_path / "r.u8", (2, 3))
+    assert [store.append(r) for r in rows] == [0, 1, 2, 3, 4]
+    assert store.shape == (5, 2, 3) and len(store) == 5
+    assert (tmp_path / "r.u8").stat().st_size == rows.nbytes
+    for i in range(-5, 5):
+        assert np.array_equal(store[i], rows[i])
+    got = store[2]
+    got[0, 0] = 255                                   # a copy: the file is unchanged
+    assert np.array_equal(store[2], rows[2])
+    with pytest.raises(ValueError, match=r"r\.u8: a row of shape \(3, 2\), expected \(2, 3\)"):
+        store.append(rows[0].T)
+    with pytest.raises(IndexError):
+        store[5]
+    store.close()
+
+
+@pytest.mark.parametrize("n", [0, 1, 300, 513])
+def test_save_npy_rows_writes_the_bytes_np_save_writes(tmp_path, n):
+    """Chunked (256 rows) from a RowFile or an array, the file equals np.save's, header included."""
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 256, size=(n, 4, 5, 3), dtype=np.uint8)
+    np.save(tmp_path / "ref.npy", x)
+    store = files.RowFile(tmp_path / "rows.u8", (4, 5, 3))
+    for row in x:
+        store.append(row)
+    files.save_npy_rows(tmp_path / "a.npy", store)
+    files.save_npy_rows(tmp_path / "b.npy", x)
+    ref = (tmp_path / "ref.npy").read_bytes()
+    assert (tmp_path / "a.npy").read_bytes() == ref and (tmp_path / "b.npy").read_bytes() == ref
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
