@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from cervical import files
+from cervical.pipeline import read_rows
 
 __all__ = ["TrainError", "PLATEAU_MIN_DELTA", "Phase", "PhaseResult", "run_phase", "Control",
            "Checkpoint", "PreciseBatchNorm", "precise_bn_images", "save_variables",
@@ -129,7 +130,7 @@ class PreciseBatchNorm(keras.callbacks.Callback):
         n = len(self.images)
         sums = [(0.0, 0.0)] * len(self._layers)
         for start in range(0, n, self.batch_size):
-            batch = self.images[start:start + self.batch_size]
+            batch = read_rows(self.images, slice(start, start + self.batch_size))
             w = len(batch) / n                      # equal weight per image and position
             stats = self._moments(tf.constant(batch, tf.float32))
             sums = [(a + w * m.numpy().astype(np.float64), b + w * q.numpy().astype(np.float64))
@@ -149,11 +150,13 @@ class PreciseBatchNorm(keras.callbacks.Callback):
 
 def precise_bn_images(x: np.ndarray, n: int, seed: int) -> np.ndarray:
     """The fixed training subset behind PreciseBatchNorm: ``n`` images drawn without replacement
-    with ``seed`` (all of them when there are fewer), in file order."""
+    with ``seed``, in file order, as an in-memory copy; or ``x`` itself (a memory-mapped split
+    stays mapped, and PreciseBatchNorm reads it a batch at a time) when ``n`` <= 0 or ``x`` has
+    no more than ``n`` images."""
     if n <= 0 or len(x) <= n:
-        return np.array(x)
+        return x
     idx = np.sort(np.random.default_rng([int(seed), 7]).choice(len(x), n, replace=False))
-    return np.array(x[idx])
+    return read_rows(x, idx)
 
 
 # ------------------------------------------------------------------------------------------------
