@@ -792,3 +792,21 @@ def test_streamed_batches_equal_in_memory_batches_and_release_pages(tiny_prepare
         np.testing.assert_array_equal(ya.numpy(), yb.numpy())
     rows = pipeline.read_rows(mapped.x, np.array([3, 0, 5]))
     np.testing.assert_array_equal(rows, mem.x[[3, 0, 5]])
+
+
+def test_read_rows_in_groups_equals_numpy_indexing(tmp_path, monkeypatch):
+    """read_rows on a mapped file, 4 rows per group: the same rows as x[idx] for unsorted index
+    arrays with repeats, an empty one, contiguous and strided (also reversed) slices; an array in
+    memory is indexed directly."""
+    from cervical import pipeline
+
+    monkeypatch.setattr(pipeline, "ROWS_PER_READ", 4)
+    x = np.random.default_rng(0).integers(0, 256, (50, 3, 2, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    for idx in (np.array([7, 0, 49, 7, 13, 2, 2, 30, 11]), np.array([], dtype=int),
+                slice(3, 41), slice(None, None, -2), slice(5, 6), slice(45, 60)):
+        got = pipeline.read_rows(mapped, idx)
+        assert type(got) is np.ndarray and got.shape == x[idx].shape
+        np.testing.assert_array_equal(got, x[idx])
+        np.testing.assert_array_equal(pipeline.read_rows(x, idx), x[idx])
