@@ -8,7 +8,8 @@ cluster images; generated once and kept in OUT/raw_s), then every step runs as i
 and reports its wall time and peak resident memory (the process and its workers):
 
     prepare   --size SIZE --augment A --no-images (the array cache only)
-    train     tiny, one epoch, the train images per second of that epoch
+    train     tiny, one epoch; images/s = train images / the epoch's seconds (validation
+              included), from the run's summary.json
     eval      the test split
     explain   Grad-CAM on one cell per class
 
@@ -85,7 +86,7 @@ def one_scale(out: Path, scale: int, size: int, augment: int) -> dict:
             "train_images": info["totals"]["train"], "cache_gb": cache_gb,
             "prepare_s": p["seconds"], "prepare_gb": p["peak_rss_gb"],
             "train_s": t["seconds"], "train_gb": t["peak_rss_gb"],
-            "images_per_s": info["totals"]["train"] / summary["seconds"],
+            "images_per_s": info["totals"]["train"] / summary["seconds_per_epoch"],
             "eval_gb": e["peak_rss_gb"], "explain_gb": x["peak_rss_gb"]}
 
 

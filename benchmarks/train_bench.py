@@ -33,7 +33,7 @@ def _images(args):
     if args.data:
         from cervical import data
 
-        split = data.load_split(args.data, "train")
+        split = data.load_split(args.data, "train", mmap=True, masks=False)   # as train reads it
         n = min(args.images, len(split))
         return split.x[:n], split.y[:n], len(split.class_names)
     rng = np.random.default_rng(0)

@@ -106,7 +106,7 @@ def test_gallery_in_a_real_browser(browser, tmp_path):
     """Loads with no console error; every image decodes (natural width > 0 once loaded);
     each filter shows exactly the cells it should; sorting orders by confidence; a click shows
     every map of the cell with its raw-value grid; a screenshot is written."""
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     page = _explain_folder(tmp_path / "explain")
     browser.get(page.as_uri())
@@ -136,11 +136,19 @@ def test_gallery_in_a_real_browser(browser, tmp_path):
         "return [...document.querySelectorAll('.cell')].filter(e => e.style.display !== 'none')"
         ".map(e => e.id)")
     assert shown == [f"cell-{i}" for i in np.argsort([c[3] for c in CELLS], kind="stable")]
-    browser.find_element("id", "cell-2").click()
+    assert '"grid":[[' not in page.read_text() and sorted(
+        p.name for p in (page.parent / "grids").iterdir()) == [f"{i}.js" for i in range(len(CELLS))]
+    browser.find_element("id", "cell-2").click()                 # grids/2.js is read now
+    WebDriverWait(browser, 10).until(
+        lambda d: d.find_elements("css selector", "#detail table.grid"))
     detail = browser.find_element("id", "detail")
     assert detail.is_displayed() and "img2.png" in detail.text
     assert len(detail.find_elements("css selector", "table.grid")) == len(METHODS)  # every map
     assert len(detail.find_elements("css selector", "table.grid td")) == len(METHODS) * 16 * 16
+    with np.load(page.parent / "maps.npz") as z:                 # cell 2's Grad-CAM, block (0, 1)
+        want = gallery.map_grid(z["map_gradcam"][2])[0][1]
+    first = detail.find_elements("css selector", "table.grid")[0]
+    assert first.find_elements("css selector", "td")[1].get_attribute("title") == f"{want:.3f}"
     assert "XAI evaluation" in browser.page_source
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
