@@ -40,7 +40,6 @@ naming the argument and the fix.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re

@@ -17,8 +17,6 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-import numpy as np
-
 from cervical import files
 
 __all__ = ["PredictError", "image_files", "predict", "format_predictions"]
