@@ -45,11 +45,12 @@ CELLS = [("A", "A", "correct", 0.99), ("A", "B", "wrong", 0.70), ("B", "B", "cor
 METHODS = ("gradcam", "gradcam++", "lime_pros_cons")
 
 
-def _explain_folder(root: Path) -> Path:
+def _explain_folder(root: Path, cells=None) -> Path:
     rng = np.random.default_rng(0)
+    cells = CELLS if cells is None else cells
     (root / "overlays").mkdir(parents=True)
     records, maps = [], []
-    for i, (t, p, kind, conf) in enumerate(CELLS):
+    for i, (t, p, kind, conf) in enumerate(cells):
         names = {}
         for m in ("image",) + METHODS:
             names[m] = f"overlays/cell{i}_{m}.png"
@@ -155,3 +156,22 @@ def test_gallery_in_a_real_browser(browser, tmp_path):
     shot = tmp_path / "gallery.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+
+
+def test_gallery_draws_cards_a_page_at_a_time(browser, tmp_path):
+    """130 cells: the page draws the first 120 of the current order, says "130 of 130 cells",
+    and "show more" draws the last 10; a filter starts again from its first page."""
+    cells = [("A" if i % 2 else "B", "A", "correct" if i % 2 else "wrong", (i + 1) / 131)
+             for i in range(130)]
+    page = _explain_folder(tmp_path / "explain", cells)
+    browser.get(page.as_uri())
+    assert _count(browser) == 120
+    assert browser.find_element("id", "count").text == "130 of 130 cells"
+    first = browser.execute_script("return document.querySelector('.cell').id")
+    assert first == "cell-129"                                    # most confident first
+    browser.execute_script("document.getElementById('more').click()")
+    assert _count(browser) == 130
+    assert not browser.find_element("id", "more").is_displayed()
+    from selenium.webdriver.support.ui import Select
+    Select(browser.find_element("id", "f-class")).select_by_value("A")
+    assert _count(browser) == 65 and browser.find_element("id", "count").text == "65 of 130 cells"
